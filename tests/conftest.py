@@ -1,0 +1,8 @@
+"""Test-wide setup: 8 fake CPU devices, set before anything touches the JAX backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
