@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices, set before anything touches the JAX backend."""
+"""Test-wide setup: 8 fake CPU devices (set before anything touches the JAX backend), prepared data once."""
 
 import os
 
@@ -6,3 +6,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """Both quickstart datasets and the tokenizer, built from the Debian sources once per session (~15 s)."""
+  from big_embed.data import build  # pylint: disable=g-import-not-at-top
+  return build.prepare(["emoji", "fashion_mnist"], tmp_path_factory.mktemp("datasets"))

@@ -1,20 +1,29 @@
-"""CLIP symmetric InfoNCE with global in-batch negatives (Radford et al. 2021; open_clip `ClipLoss`).
+"""CLIP symmetric InfoNCE with a learnable temperature (Radford et al. 2021, arXiv 2103.00020; open_clip).
 
-Every device's rows see every device's columns: inside `shard_map`, the local queries ([B_local, D]) are
-scored against all-gathered keys ([B_g, D]); labels are offset by the shard index; the loss sum is
-`psum`-ed and divided by the global batch once (open_clip's `local_loss=True, gather_with_grad=True`).
+    ℓ = κ · A Bᵀ,  κ = exp(t)  (t = log(1/temperature_init), clamped to [0, log max_logit_scale] after
+                                every optimizer update, as open_clip does)
+    L = ½ [ mean_i −log softmax_j(ℓ_ij)_{j=i}  +  mean_i −log softmax_j(ℓ_ji)_{j=i} ]
+
+Tiled over the similarity engine (`engine.info_nce_local` in both directions): local rows of each tower
+against all devices' keys of the other (all-gathered or a ppermute ring), never the B_g×B_g matrix; the
+global-batch normalisation happens once. Equivalent to open_clip's `local_loss=True, gather_with_grad=True`.
+
+Inputs:
+  emb[towers[0]], emb[towers[1]]: [B, D] L2-normalised embeddings (pair i = row i of both).
+  batch["valid"]: optional bool [B]; padded pairs are neither rows nor columns.
+  batch["ids"]: optional int [B] item ids; another pair with the same id is not a negative: it is ignored
+    (`duplicates="ignore"`) or counted as a positive (`"positive"`; the row then averages −log p over its
+    positives, SupCon-style).
+Params: {"logit_scale": t}. Metrics: loss, loss per direction, accuracy (top-1 is a positive), logit_scale.
+Relations: `infonce` is the one-directional, hard-negative version; `softclip` and `lightclip` replace the
+one-hot target; `siglip` replaces the softmax by per-pair sigmoids.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
-from jax.sharding import PartitionSpec as P
-
+from big_embed.losses import common
+from big_embed.losses import engine
 from big_embed.losses import registry
-from big_embed.parallel.mesh import BATCH_AXES
 
 
 def _default_config():
@@ -23,62 +32,48 @@ def _default_config():
       temperature_init=0.07,   # logit scale t = log(1/T) is learnable
       learnable_temperature=True,
       max_logit_scale=100.0,   # clamp exp(t) to [1, max] after each update (open_clip)
+      duplicates="ignore",     # same batch["ids"]: "ignore" (not a negative) | "positive"
+      **common.engine_fields(),
   )
 
 
 def _validate(cfg):
-  if not cfg.temperature_init > 0:
-    raise ValueError(f"config.loss.temperature_init must be > 0, got {cfg.temperature_init}")
-  if not cfg.max_logit_scale >= 1:
-    raise ValueError(f"config.loss.max_logit_scale must be >= 1, got {cfg.max_logit_scale}")
+  common.check_towers(cfg)
+  common.check_scale(cfg)
+  common.check_choice(cfg, "duplicates", engine.DUPLICATES)
+  common.check_engine(cfg)
 
 
-def _init_params(cfg):
-  return {"logit_scale": jnp.asarray(np.log(1.0 / cfg.temperature_init), jnp.float32)}
-
-
-def _clamp_params(cfg, params):
-  return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, np.log(cfg.max_logit_scale))}
+def clip_loss_local(a, b, *, shards, scale, valid=None, ids=None, duplicates="ignore", tile_size=1024,
+                    key_mode="gather"):
+  """Symmetric InfoNCE on local shards a, b [B_local, D] (inside shard_map). Returns (loss, metrics)."""
+  kw = dict(shards=shards, scale=scale, valid=valid, ids=ids, duplicates=duplicates, tile_size=tile_size,
+            key_mode=key_mode)
+  loss_ab, m_ab = engine.info_nce_local(a, b, **kw)
+  loss_ba, m_ba = engine.info_nce_local(b, a, **kw)
+  loss = 0.5 * (loss_ab + loss_ba)
+  return loss, {"loss": loss, "loss_a2b": loss_ab, "loss_b2a": loss_ba,
+                "accuracy": 0.5 * (m_ab["accuracy"] + m_ba["accuracy"])}
 
 
 def _build(cfg, mesh):
-  a_key, b_key = cfg.towers
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-  def local_loss(a, b, t):  # a, b: [B_local, D]
-    b_local = a.shape[0]
-    a_all = lax.all_gather(a, axes, tiled=True)  # [B_g, D]
-    b_all = lax.all_gather(b, axes, tiled=True)  # [B_g, D]
-    labels = lax.axis_index(axes) * b_local + jnp.arange(b_local)  # [B_local]
-    scale = jnp.exp(t)
-    logits_ab = scale * a @ b_all.T  # [B_local, B_g]
-    logits_ba = scale * b @ a_all.T  # [B_local, B_g]
-    pos = scale * jnp.sum(a * b, axis=-1)  # [B_local]
-    nll_ab = jax.nn.logsumexp(logits_ab, axis=-1) - pos
-    nll_ba = jax.nn.logsumexp(logits_ba, axis=-1) - pos
-    n_global = b_local * lax.psum(1, axes)
-    loss = lax.psum(jnp.sum(nll_ab + nll_ba), axes) / (2 * n_global)
-    correct = (jnp.argmax(logits_ab, -1) == labels).astype(jnp.float32)
-    correct += (jnp.argmax(logits_ba, -1) == labels).astype(jnp.float32)
-    acc = lax.psum(jnp.sum(correct), axes) / (2 * n_global)
-    return loss, acc
-
-  sharded = jax.shard_map(
-      local_loss, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=(P(), P()))
 
   def loss_fn(emb, batch, loss_params, step):
-    del batch, step
-    t = loss_params["logit_scale"]
-    if not cfg.learnable_temperature:
-      t = lax.stop_gradient(t)
-    a = emb[a_key].astype(jnp.float32)
-    b = emb[b_key].astype(jnp.float32)
-    loss, acc = sharded(a, b, t)
-    return loss, {"loss": loss, "accuracy": acc, "logit_scale": jnp.exp(t)}
+    del step
+    scale = common.logit_scale(cfg, loss_params)
+    inputs = common.pair_inputs(cfg, emb, batch)
+
+    def local(s, r, shards):
+      return clip_loss_local(s["a"], s["b"], shards=shards, scale=r["scale"], valid=s.get("valid"),
+                             ids=s.get("ids"), duplicates=cfg.duplicates, tile_size=cfg.tile_size,
+                             key_mode=cfg.key_mode)
+
+    loss, metrics = engine.shard(local, mesh, inputs, {"scale": scale})
+    return loss, {**metrics, "logit_scale": scale}
 
   return loss_fn
 
 
 SPEC = registry.register(registry.LossSpec(
-    name="clip", build=_build, default_config=_default_config, init_params=_init_params,
-    clamp_params=_clamp_params, validate=_validate))
+    name="clip", build=_build, default_config=_default_config, init_params=common.init_scale,
+    clamp_params=common.clamp_scale, validate=_validate))

@@ -1,0 +1,41 @@
+r"""Builds the datasets (TFDS, array_record) and the text tokenizer into the data directory.
+
+Usage:
+  python -m big_embed.data.prepare emoji fashion_mnist [--data_dir DIR] [--overwrite]
+
+With no names, builds every dataset. A finished dataset is skipped unless --overwrite. Raw sources
+come from Debian packages, installed with apt-get when running as root. The tokenizer
+(`<data_dir>/tokenizer.json`) is retrained on every caption the training pipeline can produce
+whenever a dataset is built, or when it is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from big_embed.data import build, paths, sources, tokenizer
+from big_embed.data.errors import DataError
+
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, f"Data directory (default: ${paths.ENV_VAR}, else {paths.DEFAULT_DATA_DIR}).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild datasets that are already built.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", tokenizer.DEFAULT_VOCAB_SIZE,
+                                   "Maximum tokenizer vocabulary size.")
+
+
+def main(argv: Sequence[str]) -> None:
+  names = list(dict.fromkeys(argv[1:])) or list(sources.DATASETS)
+  unknown = [n for n in names if n not in sources.DATASETS]
+  if unknown:
+    raise app.UsageError(f"Unknown dataset(s) {unknown}; known: {', '.join(sources.DATASETS)}")
+  try:
+    build.prepare(names, _DATA_DIR.value, overwrite=_OVERWRITE.value, vocab_size=_VOCAB_SIZE.value)
+  except DataError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

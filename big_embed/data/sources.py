@@ -1,0 +1,100 @@
+"""Prepared datasets by CLI name: their TFDS builders, where they live, and checked random access.
+
+Every failure to find or read a prepared dataset raises `DataError` naming the dataset, the file and
+the `prepare` command that (re)builds it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from big_embed.data import emoji, fashion_mnist, paths
+from big_embed.data.errors import DataError, prepare_command
+
+DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "emoji": emoji.EmojiBuilder,
+    "fashion_mnist": fashion_mnist.FashionMnistBuilder,
+}
+FILE_FORMAT = "array_record"  # the only TFDS format Grain reads without TensorFlow
+
+
+def _builder_cls(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+  return DATASETS[name]
+
+
+def make_builder(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.core.DatasetBuilder:
+  """Returns the TFDS builder of dataset `name` ("emoji" or "fashion_mnist") in `data_dir`."""
+  return _builder_cls(name)(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
+
+
+def dataset_dir(name: str, data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+  """Returns `<data_dir>/<builder name>/<version>`, where the finished dataset lives."""
+  cls = _builder_cls(name)
+  return paths.resolve_data_dir(data_dir) / cls.name / str(cls.VERSION)
+
+
+def is_prepared(name: str, data_dir: str | os.PathLike[str] | None) -> bool:
+  """Whether dataset `name` is fully built in `data_dir` (TFDS writes dataset_info.json last)."""
+  return (dataset_dir(name, data_dir) / "dataset_info.json").is_file()
+
+
+class CheckedSource:
+  """A random-access source (Grain's protocol) that turns read/decode failures into `DataError`.
+
+  Elements are the decoded TFDS feature dicts (numpy arrays; Text as bytes).
+  """
+
+  def __init__(self, source: Any, name: str, split: str, directory: pathlib.Path, data_dir: str):
+    self._source = source
+    self._name, self._split, self._dir, self._data_dir = name, split, directory, data_dir
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _error(self, what: str, e: Exception) -> DataError:
+    fix = prepare_command(self._data_dir, (self._name,), overwrite=True)
+    return DataError(f"Corrupt {self._name} dataset: cannot read {what} of split {self._split!r} "
+                     f"in {self._dir} ({type(e).__name__}: {e}). Rebuild it with: {fix}")
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      return self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(f"record {index}", e) from e
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    try:
+      return list(self._source.__getitems__(list(indices)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(f"records {min(indices)}..{max(indices)}", e) from e
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self._name}, split={self._split!r}, n={len(self)})"
+
+
+def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -> CheckedSource:
+  """Opens split `split` of prepared dataset `name` for random access.
+
+  Raises:
+    DataError: the dataset is not prepared in `data_dir`, or its files cannot be opened; the
+      message names the dataset, the directory and the `prepare` command.
+  """
+  resolved = str(paths.resolve_data_dir(data_dir))
+  directory = dataset_dir(name, resolved)
+  if not is_prepared(name, resolved):
+    raise DataError(f"Dataset {name!r} is not prepared in {resolved} (no {directory}). "
+                    f"Build it with: {prepare_command(resolved)}")
+  try:
+    source = make_builder(name, resolved).as_data_source(split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"Cannot open split {split!r} of dataset {name!r} in {directory} "
+                    f"({type(e).__name__}: {e}). Rebuild it with: "
+                    f"{prepare_command(resolved, (name,), overwrite=True)}") from e
+  return CheckedSource(source, name, split, directory, resolved)

@@ -1,0 +1,108 @@
+"""A small text tokenizer (lower-casing WordPiece) with fixed-length int32 batch encoding.
+
+Id 0 is `[PAD]`, id 1 is `[UNK]`. No special tokens are added around a text: the text tower pools
+over the non-pad positions (`tokens != 0`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from big_embed.data import paths
+from big_embed.data.errors import DataError, prepare_command
+
+PAD, UNK = "[PAD]", "[UNK]"
+DEFAULT_VOCAB_SIZE = 4096
+
+
+class Tokenizer:
+  """Wraps a `tokenizers.Tokenizer` whose `[PAD]` is id 0."""
+
+  pad_id = 0
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer):
+    if tokenizer.token_to_id(PAD) != self.pad_id or tokenizer.token_to_id(UNK) is None:
+      raise ValueError(f"Tokenizer needs {PAD} at id 0 and an {UNK} token")
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    self._tok = tokenizer
+    self.unk_id: int = tokenizer.token_to_id(UNK)
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    return cls(tokenizers.Tokenizer.from_file(os.fspath(path)))
+
+  @classmethod
+  def from_str(cls, s: str) -> Tokenizer:
+    """Inverse of `to_str` (e.g. to restore the tokenizer stored with a checkpoint)."""
+    return cls(tokenizers.Tokenizer.from_str(s))
+
+  def to_str(self) -> str:
+    """The tokenizer as a JSON string (the content of tokenizer.json)."""
+    return self._tok.to_str()
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    self._tok.save(os.fspath(path))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def encode_batch(self, texts: list[str], max_len: int) -> np.ndarray:
+    """Encodes texts as int32 [n, max_len]: truncated, right-padded with 0.
+
+    Every non-empty text gives at least one non-pad token (`[UNK]` if nothing else).
+    """
+    out = np.zeros((len(texts), max_len), np.int32)  # [n, max_len]
+    encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    for row, (text, enc) in enumerate(zip(texts, encodings)):
+      ids = enc.ids[:max_len]
+      if not ids and text:
+        ids = [self.unk_id]
+      out[row, :len(ids)] = ids
+    return out
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decodes one row of ids (pads skipped) back to (normalised) text."""
+    return self._tok.decode([int(i) for i in ids if i != self.pad_id])
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Tokenizer) and self.to_str() == other.to_str()
+
+  def __repr__(self) -> str:
+    return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+  """Trains a lower-casing WordPiece tokenizer on `texts` (vocabulary at most `vocab_size`)."""
+  tok = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=64))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK],
+                                      min_frequency=1, show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  return Tokenizer(tok)
+
+
+def load_tokenizer(data_dir: str | os.PathLike[str] | None) -> Tokenizer:
+  """Loads `<data_dir>/tokenizer.json` (written by `prepare`).
+
+  Raises:
+    DataError: the file is missing or unreadable; the message is the `prepare` command.
+  """
+  path = paths.tokenizer_path(data_dir)
+  resolved = paths.resolve_data_dir(data_dir)
+  if not path.is_file():
+    raise DataError(f"No tokenizer at {path}. Build the datasets and tokenizer with: "
+                    f"{prepare_command(resolved)}")
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"Corrupt tokenizer {path} ({e}). Retrain it with: "
+                    f"{prepare_command(resolved)}") from e

@@ -1,0 +1,49 @@
+"""Registry of evaluators, configured in `config.evals` and run periodically or with `--mode eval`.
+
+`config.evals` maps an evaluator's result name to its settings, e.g.
+    evals.fashion_mnist = dict(type="zero_shot", dataset="fashion_mnist", split="test")
+Each type is a class constructed as `cls(settings, context)` with a `run(params) -> {metric: float}` method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+from big_embed.evaluate.encode import Encoder
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What every evaluator may use."""
+
+  encoder: Encoder
+  tokenizer: Any  # big_embed.data.tokenizer.Tokenizer
+  data_dir: str
+  image_size: int
+  max_text_len: int
+
+
+_TYPES: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str):
+  def wrap(cls):
+    _TYPES[name] = cls
+    return cls
+  return wrap
+
+
+def build_evaluators(evals: ml_collections.ConfigDict, context: EvalContext) -> dict[str, Any]:
+  out = {}
+  for name, settings in evals.items():
+    if settings.type not in _TYPES:
+      raise ValueError(f"config.evals.{name}.type={settings.type!r} is unknown; known types: {sorted(_TYPES)}")
+    out[name] = _TYPES[settings.type](settings, context)
+  return out
+
+
+def run_evaluators(evaluators: dict[str, Any], params) -> dict[str, dict[str, float]]:
+  return {name: {k: float(v) for k, v in ev.run(params).items()} for name, ev in evaluators.items()}

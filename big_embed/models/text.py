@@ -1,0 +1,36 @@
+"""Transformer text tower over token ids (0 = padding), mean-pooled over real tokens."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_embed.models import transformer
+
+
+class TextTransformer(nn.Module):
+  """int32 tokens [B, L] -> pooled features [B, width]."""
+
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f"text has {tokens.shape[1]} tokens, the model allows at most {self.max_len}")
+    valid = tokens != 0  # [B, L]
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                 name="token_embed")(tokens)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+                     (self.max_len, self.width))
+    x = x + pos[: tokens.shape[1]].astype(self.dtype)
+    mask = nn.make_attention_mask(valid, valid)  # [B, 1, L, L]
+    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x, mask)
+    w = valid[..., None].astype(x.dtype)
+    return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # [B, D]

@@ -1,0 +1,276 @@
+"""Training and evaluation drivers: build everything from the config, train with periodic eval/checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import auto as tqdm
+
+from big_embed import checkpoint as ckpt_lib
+from big_embed import evaluate
+from big_embed import losses
+from big_embed import metrics as metrics_lib
+from big_embed.data import paths as data_paths
+from big_embed.data import pipeline
+from big_embed.data import tokenizer as tokenizer_lib
+from big_embed.data.tokenizer import Tokenizer
+from big_embed.errors import ConfigError, TrainingError
+from big_embed.models import two_tower
+from big_embed.parallel import mesh as mesh_lib
+from big_embed.train import optimizer as optimizer_lib
+from big_embed.train import state as state_lib
+from big_embed.train import step as step_lib
+
+TOKENIZER_FILE = data_paths.TOKENIZER_FILENAME
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything derived from (config, workdir) before any step runs."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  data_dir: pathlib.Path
+  mesh: Any
+  tokenizer: Tokenizer
+  model: Any
+  loss_spec: losses.LossSpec
+  tx: Any
+  init_fn: Any
+  abstract_state: Any
+  state_shardings: Any
+  checkpointer: ckpt_lib.Checkpointer
+
+
+def _prepare_workdir(workdir: str) -> pathlib.Path:
+  path = pathlib.Path(workdir).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as err:
+    raise ConfigError(f"--workdir {path} is not writable ({err.strerror or err}); "
+                      "pass a directory you can write to") from err
+  return path
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Checks that need the mesh or cross several fields; field names and types are checked by the flags."""
+  t = config.train
+  shards = mesh_lib.batch_size_per_shard(mesh)
+  if t.batch_size <= 0 or t.batch_size % shards:
+    raise ConfigError(
+        f"config.train.batch_size={t.batch_size} is not divisible by the {shards} data-parallel shards of the "
+        f"mesh {dict(mesh.shape)}; use a multiple of {shards}")
+  if t.batch_size % jax.process_count():
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  for name in ("steps", "log_every", "checkpoint_every", "eval_every"):
+    if t[name] <= 0:
+      raise ConfigError(f"config.train.{name} must be > 0, got {t[name]}")
+  if not t.learning_rate > 0:
+    raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
+  try:
+    losses.get(config.loss.name).validate(config.loss)
+  except ValueError as err:
+    raise ConfigError(str(err)) from err
+
+
+def _load_tokenizer(workdir: pathlib.Path, data_dir: pathlib.Path) -> Tokenizer:
+  """The run's own copy (so a resumed run keeps its vocabulary); else the one prepared with the data."""
+  own = workdir / TOKENIZER_FILE
+  if own.exists():
+    return Tokenizer.from_file(str(own))
+  tok = tokenizer_lib.load_tokenizer(data_dir)
+  if jax.process_index() == 0:
+    own.write_text(tok.to_str(), encoding="utf-8")
+  return tok
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  workdir_path = _prepare_workdir(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  validate_config(config, mesh)
+  data_dir = data_paths.resolve_data_dir(config.data.data_dir or None)
+  tokenizer = _load_tokenizer(workdir_path, data_dir)
+  model = two_tower.build_model(config.model, tokenizer.vocab_size)
+  loss_spec = losses.get(config.loss.name)
+  tx = optimizer_lib.make_optimizer(config.train)
+  m = config.model
+  example = {"image": jnp.zeros((1, m.image_size, m.image_size, 3), jnp.uint8),
+             "text": jnp.zeros((1, m.max_text_len), jnp.int32)}
+  init_fn = state_lib.make_init_fn(model, example, lambda: loss_spec.init_params(config.loss), tx, config.seed)
+  abstract, shardings = state_lib.state_shardings(init_fn, mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.train.keep_checkpoints)
+  return Experiment(config, workdir_path, data_dir, mesh, tokenizer, model, loss_spec, tx, init_fn, abstract,
+                    shardings, checkpointer)
+
+
+def build_evaluators(exp: Experiment) -> dict[str, Any]:
+  ctx = evaluate.EvalContext(
+      encoder=evaluate.encode.Encoder(exp.model, exp.mesh, exp.config.eval_batch_size),
+      tokenizer=exp.tokenizer, data_dir=str(exp.data_dir), image_size=exp.config.model.image_size,
+      max_text_len=exp.config.model.max_text_len)
+  return evaluate.build_evaluators(exp.config.evals, ctx)
+
+
+def _write_results(exp: Experiment, step: int, results: dict) -> pathlib.Path:
+  path = exp.workdir / "eval_results.json"
+  if jax.process_index() == 0:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step": int(step), **results}, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+  return path
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+  lines = []
+  for name, metrics in results.items():
+    cells = "  ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+    lines.append(f"  {name:<16} {cells}")
+  return "\n".join(lines)
+
+
+def _meta(exp: Experiment, step: int) -> dict:
+  return {"step": int(step), "config": json.loads(exp.config.to_json_best_effort())}
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop checks between steps (save a checkpoint, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains from scratch or resumes from the newest checkpoint in `workdir`; returns the final eval results."""
+  exp = build_experiment(config, workdir)
+  cfg = config.train
+  process_batch = cfg.batch_size // jax.process_count()
+  dataset = pipeline.make_train_dataset(
+      config.data, exp.tokenizer, batch_size=process_batch, image_size=config.model.image_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(dataset)
+
+  ckpt = exp.checkpointer
+  start = ckpt.latest_step()
+  if start is None:
+    state = state_lib.create_sharded_state(exp.init_fn, exp.state_shardings)
+    start = 0
+  else:
+    logging.info("Resuming from %s/%d", ckpt.directory, start)
+    abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    try:
+      state, _ = ckpt.restore(start, abstract, data_iter)
+    except (ValueError, KeyError) as err:
+      raise ConfigError(f"the checkpoint in {ckpt.directory} does not match this config ({err}); "
+                        "use a new --workdir for a different model") from err
+    print(f"Resumed from the checkpoint at step {start} in {ckpt.directory}", flush=True)
+
+  batch_sharding = {k: mesh_lib.batch_sharding(exp.mesh, nd) for k, nd in (("image", 4), ("text", 2))}
+  train_step = jax.jit(
+      step_lib.make_train_step(
+          exp.model, exp.loss_spec.build(config.loss, exp.mesh),
+          lambda p: exp.loss_spec.clamp_params(config.loss, p), exp.tx,
+          optimizer_lib.learning_rate_schedule(cfg)),
+      in_shardings=(exp.state_shardings, batch_sharding),
+      out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
+      donate_argnums=(0,))
+  evaluators = build_evaluators(exp)
+  writer = metrics_lib.MetricWriter(exp.workdir)
+  stop = _StopSignal()
+
+  def assemble(local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k]) for k in batch_sharding}
+
+  def check_finite(step: int, metrics: dict):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      last = ckpt.latest_step()
+      raise TrainingError(
+          f"the loss became {loss} at step {step}; lower config.train.learning_rate (now {cfg.learning_rate}) "
+          f"or config.train.grad_clip_norm; the last good checkpoint (step {last}) in {ckpt.directory} is kept")
+
+  results: dict = {}
+  step = start
+  pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)
+  t_last, step_last = time.perf_counter(), start
+  try:
+    while step < cfg.steps:
+      batch = assemble(next(data_iter))
+      state, metrics = train_step(state, batch)
+      step += 1
+      pbar.update(1)
+      is_last = step == cfg.steps
+      save_now = step % cfg.checkpoint_every == 0 or is_last or stop.requested
+      if step % cfg.log_every == 0 or save_now:
+        metrics = jax.device_get(metrics)
+        check_finite(step, metrics)
+        now = time.perf_counter()
+        rate = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        writer.write(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/samples_per_sec": rate})
+        pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", samples_per_s=f"{rate:.0f}")
+      if step % cfg.eval_every == 0 or is_last:
+        results = evaluate.run_evaluators(evaluators, state.params["model"])
+        writer.write(step, metrics_lib.flatten(results, "eval"))
+        _write_results(exp, step, results)
+        t_last = time.perf_counter()
+      if save_now:
+        ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
+      if stop.requested and not is_last:
+        ckpt.wait()
+        print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}. "
+              "Rerun the same command to resume.", flush=True)
+        return results
+  finally:
+    pbar.close()
+    stop.restore()
+    writer.close()
+    ckpt.close()
+
+  if not results:  # resumed at the last step: evaluate the final state once
+    results = evaluate.run_evaluators(evaluators, state.params["model"])
+    _write_results(exp, step, results)
+  print(f"\nResults at step {step}:\n{format_results(results)}")
+  print(f"Final evaluation: {exp.workdir / 'eval_results.json'}")
+  print(f"Checkpoint:       {ckpt.directory / str(step)}")
+  print(f"TensorBoard:      tensorboard --logdir {exp.workdir / 'tensorboard'}", flush=True)
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode eval`: evaluates the newest checkpoint in `workdir` and writes eval_results.json."""
+  exp = build_experiment(config, workdir)
+  step = exp.checkpointer.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {exp.checkpointer.directory}; train first with --mode train")
+  abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+  state, _ = exp.checkpointer.restore(step, abstract)
+  results = evaluate.run_evaluators(build_evaluators(exp), state.params["model"])
+  path = _write_results(exp, step, results)
+  exp.checkpointer.close()
+  print(f"\nResults at step {step}:\n{format_results(results)}\nWritten to {path}", flush=True)
+  return results

@@ -1,0 +1,39 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), compiled once with explicit shardings."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from big_embed.train.state import TrainState
+
+
+def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Callable,
+                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
+  """Returns train_step(state, batch) -> (new_state, metrics).
+
+  Towers embed the global batch (sharded over the batch axes) -> the loss reads every device's rows against
+  every device's columns -> grads -> AdamW -> loss params clamped (e.g. CLIP temperature) after the update.
+  """
+
+  def train_step(state: TrainState, batch: dict):
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def compute_loss(params):
+      emb = model.apply({"params": params["model"]}, batch, rngs={"dropout": dropout_rng})
+      return loss_fn(emb, batch, params["loss"], state.step)
+
+    (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = {**params, "loss": clamp_loss_params(params["loss"])}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": lr_schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+
+  return train_step

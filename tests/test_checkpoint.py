@@ -1,0 +1,81 @@
+"""Checkpoints: state + data iterator round trip, restore onto a different mesh, no half-written steps."""
+
+import errno
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_embed import checkpoint as ckpt_lib
+from big_embed import losses
+from big_embed.data import pipeline
+from big_embed.data import tokenizer as tokenizer_lib
+from big_embed.models import two_tower
+from big_embed.parallel import mesh as mesh_lib
+from big_embed.train import optimizer as optimizer_lib
+from big_embed.train import state as state_lib
+from tests import tiny
+
+
+def _init_fn(cfg, vocab=40):
+  model = two_tower.build_model(cfg.model, vocab)
+  spec = losses.get(cfg.loss.name)
+  m = cfg.model
+  example = {"image": jnp.zeros((1, m.image_size, m.image_size, 3), jnp.uint8),
+             "text": jnp.zeros((1, m.max_text_len), jnp.int32)}
+  return state_lib.make_init_fn(model, example, lambda: spec.init_params(cfg.loss),
+                                optimizer_lib.make_optimizer(cfg.train), cfg.seed)
+
+
+def _train_iterator(cfg):
+  tok = tokenizer_lib.load_tokenizer(cfg.data.data_dir)
+  return iter(pipeline.make_train_dataset(cfg.data, tok, batch_size=cfg.train.batch_size,
+                                          image_size=cfg.model.image_size, seed=cfg.seed))
+
+
+def test_restore_onto_a_different_mesh_with_the_data_iterator(tmp_path, data_dir):
+  cfg = tiny.tiny_config(data_dir)
+  init_fn = _init_fn(cfg)
+  mesh_a = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
+  abstract, shard_a = state_lib.state_shardings(init_fn, mesh_a)
+  state = state_lib.create_sharded_state(init_fn, shard_a)
+  it = _train_iterator(cfg)
+  for _ in range(5):
+    next(it)
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  ckpt.save(7, state, {"step": 7}, it)
+  ckpt.wait()
+  expected_next = [next(it) for _ in range(3)]
+
+  mesh_b = mesh_lib.make_mesh({"data": 8})  # no FSDP: every parameter replicated
+  _, shard_b = state_lib.state_shardings(init_fn, mesh_b)
+  fresh_it = _train_iterator(cfg)
+  restored, meta = ckpt_lib.Checkpointer(tmp_path / "ckpt").restore(
+      7, ckpt_lib.abstract_with_shardings(abstract, shard_b), fresh_it)
+  assert meta == {"step": 7}
+  for x, y, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(shard_b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert x.sharding == s
+  for want in expected_next:
+    got = next(fresh_it)
+    for key in ("image", "text"):
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_keeps_newest_and_reports_full_disk(tmp_path, monkeypatch):
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", max_to_keep=2, async_save=False)
+  state = {"w": jnp.arange(4.0)}
+  for step in (1, 2, 3):
+    ckpt.save(step, state, {"step": step})
+  ckpt.wait()
+  assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ckpt._manager, "save", full_disk)  # pylint: disable=protected-access
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"disk is full.*step 3\) is intact"):
+    ckpt.save(4, state, {"step": 4})
+  assert ckpt.latest_step() == 3

@@ -1,0 +1,151 @@
+"""End-to-end runs of `python -m big_embed.main` in subprocesses: train, eval, SIGKILL/SIGTERM resume, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from big_embed import checkpoint as ckpt_lib
+from big_embed.train import loop
+from tests import tiny
+
+pytestmark = pytest.mark.slow
+
+
+def _command(workdir, data_dir, *overrides, mode="train"):
+  return [sys.executable, "-m", "big_embed.main", "--config", str(tiny.ROOT / "configs/quickstart.py:tiny"),
+          "--workdir", str(workdir), f"--mode={mode}", f"--config.data.data_dir={data_dir}", *overrides]
+
+
+def _run(*args, **kwargs):
+  return subprocess.run(_command(*args, **kwargs), capture_output=True, text=True, timeout=600, cwd=tiny.ROOT,
+                        check=False)
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _final_params(workdir, data_dir, steps):
+  cfg = tiny.tiny_config(data_dir, steps=steps)
+  exp = loop.build_experiment(cfg, str(workdir))
+  abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+  state, meta = exp.checkpointer.restore(steps, abstract)
+  exp.checkpointer.close()
+  assert meta["step"] == steps
+  return jax.device_get(state.params)
+
+
+STEPS = ("--config.train.steps=60", "--config.train.checkpoint_every=10", "--config.train.eval_every=60")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = _run(workdir, data_dir, *STEPS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_run_writes_results_checkpoint_and_logs(uninterrupted, data_dir):
+  workdir, proc = uninterrupted
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert results["step"] == 60
+  assert set(results["fashion_mnist"]) == {"top1", "top5"}
+  assert {"i2t_r1", "t2i_r10", "chance_r10"} <= set(results["emoji"])
+  assert "Results at step 60" in proc.stdout and "fashion_mnist" in proc.stdout
+  assert _checkpoint_steps(workdir) == [50, 60]  # keep_checkpoints=2
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/loss" in r for r in records) and any("eval/fashion_mnist/top1" in r for r in records)
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+  # --mode eval on the checkpoint reproduces the final numbers.
+  (workdir / "eval_results.json").unlink()
+  proc = _run(workdir, data_dir, *STEPS, mode="eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((workdir / "eval_results.json").read_text())
+  for name in ("fashion_mnist", "emoji"):
+    for k, v in results[name].items():
+      assert again[name][k] == pytest.approx(v, abs=1e-6), (name, k)
+
+
+def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(uninterrupted, tmp_path, data_dir):
+  ref_dir, _ = uninterrupted
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_command(workdir, data_dir, *STEPS), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, cwd=tiny.ROOT)
+  deadline = time.time() + 300
+  while not _checkpoint_steps(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _checkpoint_steps(workdir)
+  assert killed_at and killed_at[-1] < 60, f"the run was not killed mid-way: checkpoints {killed_at}"
+
+  resumed = _run(workdir, data_dir, *STEPS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from the checkpoint at step" in resumed.stdout
+  got, want = _final_params(workdir, data_dir, 60), _final_params(ref_dir, data_dir, 60)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+  workdir = tmp_path / "term"
+  proc = subprocess.Popen(_command(workdir, data_dir, "--config.train.steps=100000",
+                                   "--config.train.checkpoint_every=1000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tiny.ROOT)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+    if (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().count("\n") >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Stopped by SIGTERM" in out
+  steps = _checkpoint_steps(workdir)
+  assert len(steps) == 1 and 4 <= steps[0] < 1000, steps
+
+
+BAD_INPUTS = [
+    ("unknown field", ["--config.train.batch_sise=32"], "batch_size"),
+    ("wrong type", ["--config.train.batch_size=many"], "batch_size"),
+    ("indivisible batch", ["--config.train.batch_size=12"], "divisible"),
+    ("unknown loss", ["--config.loss.name=no_such_loss"], "config.loss.name"),
+    ("bad temperature", ["--config.loss.temperature_init=0"], "temperature"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_actionable_line(tmp_path, data_dir, name, overrides, expected):
+  del name
+  proc = _run(tmp_path / "wd", data_dir, *overrides)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
+
+
+def test_missing_dataset_and_unwritable_workdir(tmp_path):
+  empty = tmp_path / "no_data"
+  empty.mkdir()
+  proc = _run(tmp_path / "wd", empty)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert len(lines) == 1 and "python -m big_embed.data.prepare" in lines[0], proc.stderr
+
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  proc = _run(blocker / "wd", empty)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert len(lines) == 1 and "not writable" in lines[0], proc.stderr
