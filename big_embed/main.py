@@ -17,13 +17,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process runs: host:port of process 0 (SLURM / TPU VMs are auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: index of this process.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices in this process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Imported here so that flag errors are reported before the (slower) JAX stack loads.
+  # Imported here so that flag errors are reported before the (slower) JAX stack loads, and so that
+  # multi-process initialisation comes before anything touches a JAX backend.
+  from big_embed.parallel import multihost  # pylint: disable=g-import-not-at-top
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
+
   from big_embed.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from big_embed.errors import UserError  # pylint: disable=g-import-not-at-top

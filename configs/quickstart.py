@@ -1,4 +1,4 @@
-"""Quickstart: a small CLIP (ViT + Transformer) on emoji pairs and captioned Fashion-MNIST, ~10 min on 2 CPU cores.
+"""Quickstart: a small CLIP (ViT + Transformer) on emoji pairs and captioned Fashion-MNIST, a few minutes on 2 CPU cores.
 
     python -m big_embed.data.prepare emoji fashion_mnist
     python -m big_embed.main --config configs/quickstart.py --workdir runs/quickstart
@@ -22,28 +22,28 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.image_size = 32
-  c.model.patch_size = 4
+  c.model.patch_size = 8  # 4x4 = 16 image tokens
   c.model.max_text_len = c.data.get_ref("max_text_len")
   c.model.embed_dim = 128
   c.model.dtype = "float32"
-  c.model.vision = ml_collections.ConfigDict(dict(width=128, depth=4, num_heads=4, mlp_dim=512))
-  c.model.text = ml_collections.ConfigDict(dict(width=128, depth=4, num_heads=4, mlp_dim=512))
+  c.model.vision = ml_collections.ConfigDict(dict(width=96, depth=4, num_heads=4, mlp_dim=384))
+  c.model.text = ml_collections.ConfigDict(dict(width=128, depth=2, num_heads=4, mlp_dim=512))
 
   c.loss = losses.loss_config("clip")
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256
-  c.train.steps = 1500
+  c.train.steps = 500
   c.train.learning_rate = 1e-3
-  c.train.warmup_steps = 100
+  c.train.warmup_steps = 50
   c.train.final_lr_fraction = 0.0
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.grad_clip_norm = 1.0
   c.train.log_every = 25
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
 
   c.eval_batch_size = 512

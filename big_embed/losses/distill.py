@@ -11,9 +11,12 @@
   with `L_sink = scale · Σ_ij P_ij W_ij` a batch-wise Sinkhorn distance: `W_ij = ‖p_S,i − p_T,j‖₁` over the
   B student and B teacher probability vectors (softmax at T_s = 2), `K = exp(−W/ε)` and 20 rounds of
   {row-normalise; column-normalise} (plain Sinkhorn–Knopp, unrolled through autodiff). The "log" mode runs
-  the same iteration on log K with log-sum-exp, which never under/overflows (the plain one produces NaN once
-  `W/ε` passes ~87 in float32); both agree wherever the plain one is finite. Optional per-epoch temperature
-  annealing of the KD term, `T_e = T + (1−T)·e/(E−1)`.
+  the same iteration on log K with log-sum-exp, which never under/overflows (the plain one gives NaN once a
+  whole row of exp(−W/ε) underflows, W/ε ≳ 87 in float32; with W ≤ 2 and ε = 0.1, W/ε ≤ 20 is safe); both
+  agree wherever the plain one is finite. Optional per-epoch temperature
+  annealing of the KD term, `T_e = T + (1−T)·e/(E−1)`. This is the intended combination; the released
+  training script only adds `β·L_sink` under a differently named loss key, so its "kd+sinkhorn" runs never
+  used it.
 * `repcon_kd` — Representation-Consolidation-style multi-teacher KD (Li et al. 2021, arXiv 2107.08039; the
   formula is a reconstruction, not checked against the paper): `Σ_k λ_k · T² · KL(p_{T_k} ‖ p_{h_k})`, one
   student head per teacher.
@@ -32,8 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
+from big_embed.losses import common
 from big_embed.losses import registry
-from big_embed.losses.pairwise import l2_normalize
+from big_embed.losses.engine import l2_normalize
 
 KD_MODES = ("kl", "reverse_kl", "js", "soft_ce", "mse")
 SINKHORN_MODES = ("plain", "log")
@@ -150,21 +154,6 @@ def _check_same(s, t, s_name, t_name, what, ndim=2):
                      f"got {s.shape} and {t.shape}")
 
 
-def _check_choice(cfg, field, allowed):
-  if cfg[field] not in allowed:
-    raise ValueError(f"config.loss.{field} must be one of {allowed}, got {cfg[field]!r}")
-
-
-def _check_positive(cfg, field):
-  if not cfg[field] > 0:
-    raise ValueError(f"config.loss.{field} must be > 0, got {cfg[field]}")
-
-
-def _check_nonneg(cfg, field):
-  if not cfg[field] >= 0:
-    raise ValueError(f"config.loss.{field} must be >= 0, got {cfg[field]}")
-
-
 def _check_pairs(cfg, s_field, t_field):
   if not cfg[s_field] or len(cfg[s_field]) != len(cfg[t_field]):
     raise ValueError(f"config.loss.{s_field} and config.loss.{t_field} must be non-empty and of equal length, "
@@ -198,9 +187,10 @@ def _disco_inner(cfg):
 
 def _disco_validate(cfg):
   _check_pairs(cfg, "students", "teachers")
-  _check_choice(cfg, "teacher_from", SOURCES)
-  _check_choice(cfg, "reduction", REDUCTIONS)
-  _check_nonneg(cfg, "weight")
+  common.check_choice(cfg, "teacher_from", SOURCES)
+  common.check_choice(cfg, "reduction", REDUCTIONS)
+  common.check_bool(cfg, "normalize_teacher")
+  common.check_range(cfg, "weight", lo=0.0)
   spec = _disco_inner(cfg)
   if spec is not None:
     spec.validate(cfg.inner)
@@ -258,10 +248,11 @@ def _kd_config():
 
 
 def _kd_validate(cfg):
-  _check_choice(cfg, "mode", KD_MODES)
-  _check_choice(cfg, "teacher_from", SOURCES)
-  _check_positive(cfg, "temperature")
-  _check_nonneg(cfg, "weight")
+  common.check_choice(cfg, "mode", KD_MODES)
+  common.check_choice(cfg, "teacher_from", SOURCES)
+  common.check_positive(cfg, "temperature")
+  common.check_bool(cfg, "t2_factor")
+  common.check_range(cfg, "weight", lo=0.0)
 
 
 def _kd_build(cfg, mesh):
@@ -308,16 +299,18 @@ def _sinkd_config():
 
 
 def _sinkd_validate(cfg):
-  _check_choice(cfg, "kd_mode", KD_MODES)
-  _check_choice(cfg, "teacher_from", SOURCES)
-  _check_choice(cfg, "sinkhorn_mode", SINKHORN_MODES)
-  for field in ("kd_temperature", "sinkhorn_temperature", "sinkhorn_epsilon", "sinkhorn_iters",
-                "anneal_epochs", "steps_per_epoch"):
-    _check_positive(cfg, field)
+  common.check_choice(cfg, "kd_mode", KD_MODES)
+  common.check_choice(cfg, "teacher_from", SOURCES)
+  common.check_choice(cfg, "sinkhorn_mode", SINKHORN_MODES)
+  for field in ("kd_temperature", "sinkhorn_temperature", "sinkhorn_epsilon"):
+    common.check_positive(cfg, field)
+  for field in ("sinkhorn_iters", "anneal_epochs", "steps_per_epoch"):
+    common.check_range(cfg, field, lo=1, integer=True)
   for field in ("beta", "sinkhorn_scale"):
-    _check_nonneg(cfg, field)
-  if not 0 <= cfg.alpha <= 1:
-    raise ValueError(f"config.loss.alpha must be in [0, 1], got {cfg.alpha}")
+    common.check_range(cfg, field, lo=0.0)
+  common.check_range(cfg, "alpha", lo=0.0, hi=1.0)
+  common.check_bool(cfg, "t2_factor")
+  common.check_bool(cfg, "kd_anneal")
 
 
 def _sinkd_build(cfg, mesh):
@@ -375,9 +368,10 @@ def _repcon_validate(cfg):
   if len(cfg.weights) != len(cfg.students) or any(not w >= 0 for w in cfg.weights):
     raise ValueError(f"config.loss.weights must be {len(cfg.students)} values >= 0 (one per teacher), "
                      f"got {tuple(cfg.weights)}")
-  _check_choice(cfg, "mode", KD_MODES)
-  _check_choice(cfg, "teacher_from", SOURCES)
-  _check_positive(cfg, "temperature")
+  common.check_choice(cfg, "mode", KD_MODES)
+  common.check_choice(cfg, "teacher_from", SOURCES)
+  common.check_positive(cfg, "temperature")
+  common.check_bool(cfg, "t2_factor")
 
 
 def _repcon_build(cfg, mesh):

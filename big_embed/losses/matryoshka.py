@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from big_embed.losses import registry
-from big_embed.losses.pairwise import l2_normalize
+from big_embed.losses.engine import l2_normalize
 
 REDUCTIONS = ("mean", "sum")
 

@@ -11,6 +11,10 @@ log-sum-exp over the masked `[B, B]` differences with a 0 appended (the "1 +"), 
 overflows. Piccolo2 uses λ = 1/0.05 = 20 and weight 0.04 (see `hybrid`); the registered `cosent` loss
 defaults to weight 1.
 
+Inputs: emb[towers[0]], emb[towers[1]]: [B, D] (a_i, b_i); batch["score"]: float [B]; batch["valid"]: optional
+bool [B] (pairs touching a padded row are left out). Output: the scalar loss and metrics {loss, cosent (the
+unweighted value), pair_accuracy, ranked_pairs}.
+
 Sharding: the loss needs only the `[B_g]` cosines and a `[B_g, B_g]` matrix, so it is written in plain `jnp`
 on the global (batch-sharded) arrays and GSPMD inserts the (tiny) collectives; no `shard_map` is needed.
 """
@@ -19,17 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from big_embed.losses import common
 from big_embed.losses import registry
-
-_EPS = 1e-8
-
-
-def l2_normalize(x: jax.Array, eps: float = _EPS) -> jax.Array:
-  """`x / max(‖x‖₂, eps)` over the last axis, in float32; finite gradient at x = 0."""
-  x = x.astype(jnp.float32)
-  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+from big_embed.losses.engine import l2_normalize
 
 
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -37,18 +34,22 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
 
 
-def cosent_from_cosines(c: jax.Array, score: jax.Array, scale: float) -> tuple[jax.Array, dict]:
+def cosent_from_cosines(c: jax.Array, score: jax.Array, scale: float,
+                        valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Unweighted CoSENT `log(1 + Σ_{y_i<y_j} exp(λ(c_i − c_j)))` from the pair cosines.
 
   Args:
     c: [B] float32 pair cosines.
     score: [B] gold scores (any real dtype); only their order matters.
     scale: λ > 0.
+    valid: optional bool [B]; pairs involving an invalid (padded) row are left out.
   Returns:
     the scalar loss and {"pair_accuracy": share of ranked pairs with c_i < c_j, "ranked_pairs": their count}.
   """
   score = score.astype(jnp.float32)
   ranked = score[:, None] < score[None, :]  # [B, B]  y_i < y_j
+  if valid is not None:
+    ranked = ranked & valid[:, None] & valid[None, :]
   diff = scale * (c[:, None] - c[None, :])  # [B, B]  λ (c_i − c_j)
   # `diff` is finite everywhere, so the plain `where` passes zero gradient to masked entries.
   masked = jnp.where(ranked, diff, -jnp.inf).reshape(-1)  # [B·B]
@@ -58,19 +59,16 @@ def cosent_from_cosines(c: jax.Array, score: jax.Array, scale: float) -> tuple[j
   return loss, {"pair_accuracy": n_right / jnp.maximum(n_ranked, 1.0), "ranked_pairs": n_ranked}
 
 
-def check_pairs(a: jax.Array, b: jax.Array, score: jax.Array, names=("a", "b", "score")) -> None:
-  """Raises ValueError unless a, b are [B, D] of equal shape and score is [B]."""
-  if a.ndim != 2 or a.shape != b.shape:
-    raise ValueError(
-        f"cosent: {names[0]} and {names[1]} must both be [B, D], got {a.shape} and {b.shape}")
-  if score.shape != (a.shape[0],):
-    raise ValueError(f"cosent: {names[2]} must be [B]=[{a.shape[0]}], got {score.shape}")
-
-
-def cosent_loss(a: jax.Array, b: jax.Array, score: jax.Array, scale: float = 20.0) -> tuple[jax.Array, dict]:
+def cosent_loss(a: jax.Array, b: jax.Array, score: jax.Array, scale: float = 20.0,
+                valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Unweighted CoSENT on pairs a, b [B, D] (cosine, so un-normalised inputs are fine) with scores [B]."""
-  check_pairs(a, b, score)
-  return cosent_from_cosines(cosine(a, b), score, scale)
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"cosent: a and b must both be [B, D], got {a.shape} and {b.shape}")
+  if score.shape != a.shape[:1]:
+    raise ValueError(f"cosent: score must be [B]=[{a.shape[0]}], got {score.shape}")
+  if valid is not None and valid.shape != a.shape[:1]:
+    raise ValueError(f"cosent: valid must be [B]=[{a.shape[0]}], got {valid.shape}")
+  return cosent_from_cosines(cosine(a, b), score, scale, valid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,20 +77,17 @@ def cosent_loss(a: jax.Array, b: jax.Array, score: jax.Array, scale: float = 20.
 
 def _default_config():
   return dict(
-      towers=("query", "pos"),  # emb keys of a and b, each [B, D]
-      score_key="score",        # batch[score_key]: float [B] gold scores
+      towers=("query", "key"),  # emb keys of a and b, each [B, D]
+      score_key="score",        # batch[score_key]: float [B] gold scores; optional batch["valid"]: bool [B]
       scale=20.0,               # λ = 1/τ (Piccolo2: τ = 0.05)
       weight=1.0,               # w (Piccolo2's hybrid uses 0.04)
   )
 
 
 def _validate(cfg):
-  if len(cfg.towers) != 2:
-    raise ValueError(f"config.loss.towers must name exactly 2 emb keys (a, b), got {tuple(cfg.towers)}")
-  if not cfg.scale > 0:
-    raise ValueError(f"config.loss.scale (CoSENT λ) must be > 0, got {cfg.scale}")
-  if not cfg.weight >= 0:
-    raise ValueError(f"config.loss.weight must be >= 0, got {cfg.weight}")
+  common.check_towers(cfg, "towers", 2)
+  common.check_positive(cfg, "scale")
+  common.check_range(cfg, "weight", lo=0.0)
 
 
 def _build(cfg, mesh):
@@ -102,11 +97,11 @@ def _build(cfg, mesh):
 
   def loss_fn(emb, batch, loss_params, step):
     del loss_params, step
-    if cfg.score_key not in batch:
-      raise ValueError(f"cosent: batch has no {cfg.score_key!r} (config.loss.score_key); keys: {sorted(batch)}")
-    a, b, score = emb[a_key], emb[b_key], batch[cfg.score_key]
-    check_pairs(a, b, score, names=(f"emb[{a_key!r}]", f"emb[{b_key!r}]", f"batch[{cfg.score_key!r}]"))
-    raw, metrics = cosent_from_cosines(cosine(a, b), score, scale)
+    a = common.array(emb, a_key, "emb", ndim=2)
+    b = common.array(emb, b_key, "emb", shape=a.shape)
+    score = common.array(batch, cfg.score_key, "batch", shape=a.shape[:1])
+    valid = common.array(batch, "valid", "batch", shape=a.shape[:1], required=False)
+    raw, metrics = cosent_from_cosines(cosine(a, b), score, scale, None if valid is None else valid.astype(bool))
     loss = weight * raw
     return loss, {"loss": loss, "cosent": raw, **metrics}
 

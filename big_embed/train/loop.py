@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from absl import logging
@@ -95,8 +96,10 @@ def _load_tokenizer(workdir: pathlib.Path, data_dir: pathlib.Path) -> Tokenizer:
   if own.exists():
     return Tokenizer.from_file(str(own))
   tok = tokenizer_lib.load_tokenizer(data_dir)
-  if jax.process_index() == 0:
-    own.write_text(tok.to_str(), encoding="utf-8")
+  if jax.process_index() == 0:  # atomically: other processes may be looking for it
+    tmp = own.with_suffix(".tmp")
+    tmp.write_text(tok.to_str(), encoding="utf-8")
+    tmp.replace(own)
   return tok
 
 
@@ -149,18 +152,28 @@ def _meta(exp: Experiment, step: int) -> dict:
 
 
 class _StopSignal:
-  """Turns SIGTERM into a flag the loop checks between steps (save a checkpoint, then exit cleanly)."""
+  """SIGTERM as a flag the loop checks between steps (then it saves a checkpoint and exits cleanly).
+
+  With several processes, all must stop at the same step: JAX's preemption sync point (which listens for
+  SIGTERM once `jax.distributed` is initialised) agrees on one.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -224,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       pbar.update(1)
       is_last = step == cfg.steps
-      save_now = step % cfg.checkpoint_every == 0 or is_last or stop.requested
+      stopping = stop.requested(step)
+      save_now = step % cfg.checkpoint_every == 0 or is_last or stopping
       if step % cfg.log_every == 0 or save_now:
         metrics = jax.device_get(metrics)
         check_finite(step, metrics)
@@ -240,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_last = time.perf_counter()
       if save_now:
         ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
-      if stop.requested and not is_last:
+      if stopping and not is_last:
         ckpt.wait()
         print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}. "
               "Rerun the same command to resume.", flush=True)

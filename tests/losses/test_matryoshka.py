@@ -110,11 +110,11 @@ def test_cosent_inner_matches_naive(n_dev):
   q, p = _emb(1, b=8, d=6)
   y = np.random.default_rng(1).integers(0, 3, size=8).astype(np.float32)
   cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", weight=0.04), dims=(1, 3, 6))
-  loss, _, grads = _run(cfg, _mesh(n_dev), {"query": q, "pos": p}, {"score": y})
+  loss, _, grads = _run(cfg, _mesh(n_dev), {"query": q, "key": p}, {"score": y})
   ref = lambda a, b: 0.04 * np_matryoshka(lambda x, z: np_cosent(x, z, y), a, b, (1, 3, 6), "mean")
   np.testing.assert_allclose(loss, ref(q, p), **TOL)
   np.testing.assert_allclose(grads["query"], fd_grad(lambda a: ref(a, p), q), **TOL)
-  np.testing.assert_allclose(grads["pos"], fd_grad(lambda b: ref(q, b), p), **TOL)
+  np.testing.assert_allclose(grads["key"], fd_grad(lambda b: ref(q, b), p), **TOL)
 
 
 def test_only_listed_towers_are_truncated():
@@ -122,8 +122,8 @@ def test_only_listed_towers_are_truncated():
   y = np.arange(4, dtype=np.float32)
   extra = np.ones((4, 3), np.float32)  # not an embedding: must be passed through untouched
   inner = losses.loss_config("cosent")
-  cfg = losses.loss_config("matryoshka", inner=inner, dims=(2, 6), towers=("query", "pos"))
-  loss, _, _ = _run(cfg, _mesh(1), {"query": q, "pos": p, "extra": extra}, {"score": y})
+  cfg = losses.loss_config("matryoshka", inner=inner, dims=(2, 6), towers=("query", "key"))
+  loss, _, _ = _run(cfg, _mesh(1), {"query": q, "key": p, "extra": extra}, {"score": y})
   np.testing.assert_allclose(loss, np_matryoshka(lambda x, z: np_cosent(x, z, y), q, p, (2, 6), "mean"), **TOL)
 
 
@@ -137,7 +137,7 @@ def test_property_prefixes(b, d, data):
   cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", scale=5.0), dims=tuple(dims),
                            reduction=reduction)
   loss_fn = losses.get("matryoshka").build(cfg, None)
-  f = jax.jit(jax.value_and_grad(lambda q: loss_fn({"query": q, "pos": p}, {"score": y}, {}, 0)[0]))
+  f = jax.jit(jax.value_and_grad(lambda q: loss_fn({"query": q, "key": p}, {"score": y}, {}, 0)[0]))
   loss, g = f(q)
   ref = lambda a: np_matryoshka(lambda x, z: np_cosent(x, z, y, 5.0), a, p, dims, reduction)
   np.testing.assert_allclose(loss, ref(q), **TOL)
@@ -178,7 +178,7 @@ def test_dims_checked_against_embedding_dim_at_call_time():
   loss_fn = losses.get("matryoshka").build(cfg, None)
   q, p = _emb(3, b=4, d=8)
   with pytest.raises(ValueError, match=r"dims=\(4, 16\) must all be <= the embedding dim D=8"):
-    loss_fn({"query": q, "pos": p}, {"score": np.zeros(4, np.float32)}, {}, 0)
+    loss_fn({"query": q, "key": p}, {"score": np.zeros(4, np.float32)}, {}, 0)
   cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent"), dims=(2,), towers=("query", "x"))
   with pytest.raises(ValueError, match=r"\['x'\] are not in emb"):
-    losses.get("matryoshka").build(cfg, None)({"query": q, "pos": p}, {"score": np.zeros(4)}, {}, 0)
+    losses.get("matryoshka").build(cfg, None)({"query": q, "key": p}, {"score": np.zeros(4)}, {}, 0)

@@ -65,7 +65,7 @@ def check(name, n, emb, batch, ref, params=None, step=0, **overrides):
     params = losses.get(name).init_params(cfg)
   loss, metrics, g_emb, g_params = run(name, n, emb, batch, params, step, **overrides)
   jemb = jax.tree.map(jnp.asarray, emb)
-  want, (w_emb, w_params) = jax.value_and_grad(ref, argnums=(0, 1))(jemb, params)
+  want, (w_emb, w_params) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(jemb, params)
   what = f"{name} on {n} devices, {overrides}"
   assert_close(loss, want, what + ": loss")
   assert_close(g_emb, w_emb, what + ": d/d emb")
