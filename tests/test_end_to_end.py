@@ -149,3 +149,24 @@ def test_missing_dataset_and_unwritable_workdir(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert len(lines) == 1 and "not writable" in lines[0], proc.stderr
+
+
+def test_two_processes_train_together_and_resume_on_one(tmp_path, data_dir):
+  """launch/simulate_multihost.sh: 2 processes x 4 CPU devices joined by jax.distributed, then a 1-process resume."""
+  workdir = tmp_path / "multihost"
+  env = {**os.environ, "NPROC": "2", "DEVICES": "4", "TIMEOUT_S": "300",
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  proc = subprocess.run(
+      ["bash", "launch/simulate_multihost.sh", "configs/quickstart.py:tiny", str(workdir),
+       f"--config.data.data_dir={data_dir}", "--config.train.steps=4"],
+      capture_output=True, text=True, timeout=600, cwd=tiny.ROOT, env=env, check=False)
+  logs = "\n".join(p.read_text()[-2000:] for p in workdir.glob("process_*.log"))
+  assert proc.returncode == 0, proc.stderr + logs
+  assert _checkpoint_steps(workdir) == [2, 4]
+  assert json.loads((workdir / "eval_results.json").read_text())["step"] == 4
+  # The 2x4-device checkpoint resumes in one process on 8 devices.
+  resumed = _run(workdir, data_dir, "--config.train.steps=6")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 4" in resumed.stdout
+  assert _checkpoint_steps(workdir) == [4, 6]

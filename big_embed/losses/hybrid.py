@@ -2,11 +2,11 @@
 
 Batches are task-homogeneous; the task of a batch picks the loss (all similarities are cosines):
 
-| task (aliases)                                  | loss                                               | τ    | weight |
-|-------------------------------------------------|----------------------------------------------------|------|--------|
-| "retrieval" ("retri_contrast", "reranking")     | InfoNCE q → [in-batch keys ; shared hard negatives] | 0.01 | 1.0    |
-| "sts" ("cosent", "pair_classification")         | CoSENT, λ = 20 (`pairwise`)                        | 0.05 | 0.04   |
-| "classification" ("cls_contrast", "clustering") | InfoNCE over the row's own label texts only        | 0.05 | 0.2    |
+| task (aliases)                                  | loss                                           | τ    | weight |
+|-------------------------------------------------|------------------------------------------------|------|--------|
+| "retrieval" ("retri_contrast", "reranking")     | InfoNCE q → [in-batch keys ; all hard negs]    | 0.01 | 1.0    |
+| "sts" ("cosent", "pair_classification")         | CoSENT, λ = 20 (`pairwise`)                    | 0.05 | 0.04   |
+| "classification" ("cls_contrast", "clustering") | InfoNCE over the row's own label texts only    | 0.05 | 0.2    |
 
 Each branch is optionally averaged (or summed) over Matryoshka prefixes `mrl_dims` (Piccolo2 averages over
 256, 512, …, 1792), every prefix re-normalised.

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import auto as tqdm
 
 from big_embed import checkpoint as ckpt_lib
@@ -148,7 +147,8 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 
 
 def _meta(exp: Experiment, step: int) -> dict:
-  return {"step": int(step), "config": json.loads(exp.config.to_json_best_effort())}
+  return {"step": int(step), "process_count": jax.process_count(),
+          "config": json.loads(exp.config.to_json_best_effort())}
 
 
 class _StopSignal:
@@ -180,26 +180,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains from scratch or resumes from the newest checkpoint in `workdir`; returns the final eval results."""
   exp = build_experiment(config, workdir)
   cfg = config.train
-  process_batch = cfg.batch_size // jax.process_count()
-  dataset = pipeline.make_train_dataset(
-      config.data, exp.tokenizer, batch_size=process_batch, image_size=config.model.image_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(dataset)
-
   ckpt = exp.checkpointer
   start = ckpt.latest_step()
+  # The data position resumes exactly when the process count is unchanged (each process owns a data shard).
+  # Otherwise the shards differ; the stream restarts with a seed that depends on the step.
+  exact_data = start is None or ckpt.restore_meta(start).get("process_count", 1) == jax.process_count()
+  data_seed = config.seed if exact_data else config.seed + start
+  dataset = pipeline.make_train_dataset(
+      config.data, exp.tokenizer, batch_size=cfg.batch_size // jax.process_count(),
+      image_size=config.model.image_size, seed=data_seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  data_iter = iter(dataset)
+
   if start is None:
     state = state_lib.create_sharded_state(exp.init_fn, exp.state_shardings)
     start = 0
   else:
-    logging.info("Resuming from %s/%d", ckpt.directory, start)
     abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
     try:
-      state, _ = ckpt.restore(start, abstract, data_iter)
+      state, _ = ckpt.restore(start, abstract, data_iter if exact_data else None)
     except (ValueError, KeyError) as err:
       raise ConfigError(f"the checkpoint in {ckpt.directory} does not match this config ({err}); "
                         "use a new --workdir for a different model") from err
     print(f"Resumed from the checkpoint at step {start} in {ckpt.directory}", flush=True)
+    if not exact_data:
+      print("Warning: the checkpoint was written by a different number of processes; the input stream "
+            f"restarts with data seed {data_seed} (parameters and optimizer state resume exactly)", flush=True)
 
   batch_sharding = {k: mesh_lib.batch_sharding(exp.mesh, nd) for k, nd in (("image", 4), ("text", 2))}
   train_step = jax.jit(

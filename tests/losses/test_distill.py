@@ -374,7 +374,8 @@ def test_bad_shapes():
 
 def test_defaults_follow_the_reference():
   cfg = losses.loss_config("sinkd")
-  assert (cfg.sinkhorn_temperature, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, cfg.sinkhorn_scale) == (2.0, 0.1, 20, 1e-3)
+  sinkhorn = (cfg.sinkhorn_temperature, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, cfg.sinkhorn_scale)
+  assert sinkhorn == (2.0, 0.1, 20, 1e-3)
   assert cfg.beta == 0.8 and not cfg.t2_factor and cfg.sinkhorn_mode == "plain"
   assert losses.loss_config("disco_mse").reduction == "sum"
   assert math.isclose(losses.loss_config("logit_kd").temperature, 1.0)
