@@ -168,6 +168,10 @@ def test_batch_shapes(data_dir, tok):
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
   assert batch["text"].shape == (BATCH, MAX_LEN) and batch["text"].dtype == np.int32
   assert (batch["text"] != 0).any(axis=1).all()
+  assert batch["ids"].shape == (BATCH,) and batch["ids"].dtype == np.int32
+  # Half the batch is Fashion-MNIST (ids = its class 0..9), half emoji (ids >= 16, one per emoji).
+  fashion = batch["ids"] < 10
+  assert fashion.sum() == BATCH // 2 and (batch["ids"][~fashion] >= 16).all()
 
 
 def test_deterministic(data_dir, tok):

@@ -45,25 +45,35 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-# Decoders: TFDS record -> {"image": uint8 [S, S, 3], ...fields the captioner needs}.
+def emoji_class_id(emoji_id: str) -> int:
+  """A stable id >= 16 per emoji, disjoint from the Fashion-MNIST classes 0..9."""
+  return 16 + int.from_bytes(hashlib.sha1(emoji_id.encode("utf-8")).digest()[:4], "big") % (2**31 - 16)
+
+
+# Decoders: TFDS record -> {"image": uint8 [S, S, 3], "ids": int, ...fields the captioner needs}.
+# `ids` names what an example shows: examples with equal ids are positives of each other (all Fashion-MNIST
+# images of one class; one emoji), which losses with duplicate-id masks or multiple positives read.
 def _decode_emoji(record: dict[str, Any], image_size: int) -> dict[str, Any]:
   return {"image": image_ops.to_rgb(record["image"], image_size),
+          "ids": emoji_class_id(_text(record["id"])),
           "name": _text(record["name"]),
           "keywords": tuple(_text(k) for k in record["keywords"])}
 
 
 def _decode_fashion_mnist(record: dict[str, Any], image_size: int) -> dict[str, Any]:
-  return {"image": image_ops.to_rgb(record["image"], image_size), "label": int(record["label"])}
+  label = int(record["label"])
+  return {"image": image_ops.to_rgb(record["image"], image_size), "ids": label, "label": label}
 
 
-# Captioners: decoded element, rng -> {"image": uint8 [S, S, 3], "text": str}.
+# Captioners: decoded element, rng -> {"image": uint8 [S, S, 3], "text": str, "ids": int}.
 def _caption_emoji(element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-  return {"image": element["image"],
+  return {"image": element["image"], "ids": element["ids"],
           "text": captions.emoji_caption(element["name"], element["keywords"], rng)}
 
 
 def _caption_fashion_mnist(element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-  return {"image": element["image"], "text": captions.fashion_caption(element["label"], rng)}
+  return {"image": element["image"], "ids": element["ids"],
+          "text": captions.fashion_caption(element["label"], rng)}
 
 
 _DECODERS = {"emoji": _decode_emoji, "fashion_mnist": _decode_fashion_mnist}
@@ -72,8 +82,9 @@ _CAPTIONERS = {"emoji": _caption_emoji, "fashion_mnist": _caption_fashion_mnist}
 
 def _tokenize(batch: dict[str, np.ndarray], tokenizer: Tokenizer, max_len: int
               ) -> dict[str, np.ndarray]:
-  """{"image": uint8 [B, S, S, 3], "text": str [B]} -> {"image", "text": int32 [B, max_len]}."""
-  return {"image": batch["image"], "text": tokenizer.encode_batch(list(batch["text"]), max_len)}
+  """{"image": uint8 [B, S, S, 3], "text": str [B], "ids"} -> {"image", "text": int32 [B, max_len], "ids": int32 [B]}."""
+  return {"image": batch["image"], "text": tokenizer.encode_batch(list(batch["text"]), max_len),
+          "ids": np.asarray(batch["ids"], np.int32)}
 
 
 def _source_dataset(name: str, data_dir: str, *, image_size: int, seed: int, process_index: int,
@@ -110,7 +121,7 @@ def make_train_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
     process_index, process_count: this process reads records process_index::process_count.
 
   Returns:
-    An infinite `grain.IterDataset` of {"image": uint8 [B, S, S, 3], "text": int32 [B, L]} numpy
+    An infinite `grain.IterDataset` of {"image": uint8 [B, S, S, 3], "text": int32 [B, L], "ids": int32 [B]} numpy
     batches (L = max_text_len). `iter(ds)` has exact `get_state()` / `set_state()`.
 
   Raises:

@@ -42,7 +42,7 @@ from big_embed.losses import registry
 
 MODES = ("decoupled", "softmax", "topk")
 K_MODES = ("fixed", "num_pos")
-_V_EPS = 1e-6
+_V_EPS = 1e-9
 
 
 def _default_config():

@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print("Warning: the checkpoint was written by a different number of processes; the input stream "
             f"restarts with data seed {data_seed} (parameters and optimizer state resume exactly)", flush=True)
 
-  batch_sharding = {k: mesh_lib.batch_sharding(exp.mesh, nd) for k, nd in (("image", 4), ("text", 2))}
+  batch_sharding = mesh_lib.batch_sharding(exp.mesh)  # every batch leaf: leading dim over data x fsdp
   train_step = jax.jit(
       step_lib.make_train_step(
           exp.model, exp.loss_spec.build(config.loss, exp.mesh),
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stop = _StopSignal()
 
   def assemble(local: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k]) for k in batch_sharding}
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
   def check_finite(step: int, metrics: dict):
     loss = float(metrics["loss"])

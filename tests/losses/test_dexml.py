@@ -67,39 +67,45 @@ def naive_decoupled(batch):
 
   def ref(emb, params):
     del params
-    l = (SCALE * emb["query"] @ emb["label"].T)[rows]
+    l = (SCALE * emb["query"] @ emb["label"].T)[rows]  # [B', L]
     p, n = pos[rows], negs[rows]
-    out = []
-    for i in range(len(l)):  # explicit loop over rows and positives
-      neg_exp = jnp.sum(jnp.where(n[i], jnp.exp(l[i]), 0.0))
-      terms = [-(l[i, j] - jnp.log(jnp.exp(l[i, j]) + neg_exp)) for j in np.flatnonzero(p[i])]
-      out.append(sum(terms) / len(terms))
-    return jnp.mean(jnp.stack(out))
+    neg_exp = jnp.sum(jnp.where(n, jnp.exp(l), 0.0), axis=1, keepdims=True)  # Σ_{l∉P*} e^ℓ
+    terms = -(l - jnp.log(jnp.exp(l) + neg_exp))  # −log(e^ℓp / (e^ℓp + Σ_neg e^ℓ)) for every column
+    return jnp.mean(jnp.sum(jnp.where(p, terms, 0.0), axis=1) / p.sum(1))
 
   return ref
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _threshold(l, pool, k, alpha):
-  """t with Σ_pool σ(α(l + t)) = k (plain bisection, 64 halvings), implicit-function gradient below."""
-  lo = -jnp.max(jnp.where(pool, l, -jnp.inf)) - 10 / alpha
-  hi = -jnp.min(jnp.where(pool, l, jnp.inf)) + 10 / alpha
-  for _ in range(64):
+  """Per row t with Σ_pool σ(α(l + t)) = k (64 bisection halvings), implicit-function gradient below.
+
+  l: [R, L], pool: [R, L] bool, k: [R].
+  """
+  lo = -jnp.max(jnp.where(pool, l, -jnp.inf), axis=1) - 10 / alpha
+  hi = -jnp.min(jnp.where(pool, l, jnp.inf), axis=1) + 10 / alpha
+
+  def halve(_, bracket):
+    lo, hi = bracket
     mid = 0.5 * (lo + hi)
-    below = jnp.sum(jnp.where(pool, jax.nn.sigmoid(alpha * (l + mid)), 0.0)) < k
-    lo, hi = jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+    below = jnp.sum(jnp.where(pool, jax.nn.sigmoid(alpha * (l + mid[:, None])), 0.0), axis=1) < k
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, 64, halve, (lo, hi))
   return 0.5 * (lo + hi)
 
 
 def _threshold_fwd(l, pool, k, alpha):
   t = _threshold(l, pool, k, alpha)
-  sig = jax.nn.sigmoid(alpha * (l + t))
+  sig = jax.nn.sigmoid(alpha * (l + t[:, None]))
   v = jnp.where(pool, alpha * sig * (1 - sig), 0.0)
   return t, v
 
 
-def _threshold_bwd(pool, k, alpha, v, g):
-  return (-g * v / jnp.sum(v),)  # ∂t/∂l = −v / Σv
+def _threshold_bwd(alpha, v, g):
+  del alpha
+  # ∂t_i/∂l_ij = −v_ij / Σ_j v_ij; the pool mask and k get no gradient.
+  return -g[:, None] * v / jnp.sum(v, axis=1, keepdims=True), None, jnp.zeros_like(g)
 
 
 _threshold.defvjp(_threshold_fwd, _threshold_bwd)
@@ -113,12 +119,11 @@ def naive_topk(batch, k=5, alpha=2.0, k_mode="fixed"):
 
   def ref(emb, params):
     del params
-    l = SCALE * emb["query"] @ emb["label"].T
-    out = []
-    for i in np.flatnonzero(rows):
-      t = _threshold(l[i], pool[i], ks[i], alpha)
-      out.append(-jnp.mean(jax.nn.log_sigmoid(alpha * (l[i] + t))[pos[i]]))
-    return jnp.mean(jnp.stack(out))
+    l = (SCALE * emb["query"] @ emb["label"].T)[rows]
+    t = _threshold(l, pool[rows], jnp.asarray(ks[rows], jnp.float32), alpha)
+    log_pi = jax.nn.log_sigmoid(alpha * (l + t[:, None]))  # soft top-k membership
+    p = pos[rows]
+    return jnp.mean(-jnp.sum(jnp.where(p, log_pi, 0.0), axis=1) / p.sum(1))
 
   return ref
 

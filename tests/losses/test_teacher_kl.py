@@ -50,16 +50,16 @@ def naive_embeddings(batch, tau_t, lam):
   norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   tq, tk, th = norm(batch["teacher_query"]), norm(batch["teacher_key"]), norm(batch["teacher_hard_negatives"])
   # Candidates of row i: its positive first, then every other valid key, then its hard negatives.
-  order = [np.concatenate([[i], np.delete(np.arange(B), i)]) for i in range(B)]
-  key_mask = np.stack([valid[o] for o in order])  # [B, B]
+  order = np.stack([np.concatenate([[i], np.delete(np.arange(B), i)]) for i in range(B)])  # [B, B]
+  key_mask = valid[order]  # [B, B]
   mask = np.concatenate([key_mask, batch["hard_negative_valid"]], axis=1)[valid]
-  teacher = np.concatenate([np.stack([(tq[i] @ tk.T)[order[i]] for i in range(B)]),
+  teacher = np.concatenate([np.take_along_axis(tq @ tk.T, order, axis=1),
                             np.einsum("bd,bhd->bh", tq, th)], axis=1)[valid] / tau_t
 
   def ref(emb, params):
     del params
     q = emb["query"]
-    s_keys = jnp.stack([(q[i] @ emb["key"].T)[order[i]] for i in range(B)])
+    s_keys = jnp.take_along_axis(q @ emb["key"].T, order, axis=1)
     student = SCALE * jnp.concatenate([s_keys, jnp.einsum("bd,bhd->bh", q, emb["hard_negatives"])], axis=1)
     kl, ce = _kl_ce(student[valid], teacher, mask)
     return kl + lam * ce
