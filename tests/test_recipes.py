@@ -1,0 +1,24 @@
+"""Every recipe in configs/ trains end to end on the quickstart data (tiny variant, a few steps)."""
+
+import json
+import math
+
+import pytest
+
+from big_embed.train import loop
+from tests import tiny
+
+RECIPES = sorted(p.stem for p in (tiny.ROOT / "configs").glob("*.py"))
+STEPS = 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains(name, data_dir, tmp_path):
+  cfg = tiny.tiny_config(data_dir, steps=STEPS, name=name)
+  cfg.train.log_every = 1
+  results = loop.train_and_evaluate(cfg, str(tmp_path))
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(losses) == STEPS and all(isinstance(v, float) and math.isfinite(v) for v in losses), losses
+  assert set(results) == set(cfg.evals)
