@@ -12,11 +12,21 @@ RECIPES = sorted(p.stem for p in (tiny.ROOT / "configs").glob("*.py"))
 STEPS = 3
 
 
+@pytest.fixture(scope="module")
+def teacher_workdir(data_dir, tmp_path_factory):
+  """A tiny quickstart run, the frozen teacher of the distillation recipes."""
+  workdir = tmp_path_factory.mktemp("teacher")
+  loop.train_and_evaluate(tiny.tiny_config(data_dir, steps=2), str(workdir))
+  return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains(name, data_dir, tmp_path):
+def test_recipe_trains(name, data_dir, tmp_path, request):
   cfg = tiny.tiny_config(data_dir, steps=STEPS, name=name)
   cfg.train.log_every = 1
+  if "teacher" in cfg:
+    cfg.teacher.workdir = str(request.getfixturevalue("teacher_workdir"))
   results = loop.train_and_evaluate(cfg, str(tmp_path))
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["train/loss"] for r in records if "train/loss" in r]

@@ -15,4 +15,5 @@ from big_embed.losses import pairwise  # noqa: F401  (registers "cosent")
 from big_embed.losses import distill  # noqa: F401  (registers "disco_mse", "logit_kd", "sinkd", "repcon_kd")
 from big_embed.losses import matryoshka  # noqa: F401  (registers "matryoshka")
 from big_embed.losses import hybrid  # noqa: F401  (registers "hybrid")
+from big_embed.losses import similarity_kd  # noqa: F401  (registers "similarity_kd")
 from big_embed.losses.registry import LossSpec, get, loss_config, names  # noqa: F401

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from big_embed.losses import registry
@@ -88,28 +87,12 @@ def _default_config():
   )
 
 
-def _inner_spec(cfg) -> registry.LossSpec:
-  if not isinstance(cfg.get("inner"), ml_collections.ConfigDict) or "name" not in cfg.inner:
-    raise ValueError("config.loss.inner must be a loss sub-config with a `name`, "
-                     "e.g. registry.loss_config('clip')")
-  return registry.get(cfg.inner.name)
-
-
 def _validate(cfg):
   validate_dims(cfg.dims, cfg.reduction)
-  _inner_spec(cfg).validate(cfg.inner)
-
-
-def _init_params(cfg):
-  return _inner_spec(cfg).init_params(cfg.inner)
-
-
-def _clamp_params(cfg, params):
-  return _inner_spec(cfg).clamp_params(cfg.inner, params)
 
 
 def _build(cfg, mesh):
-  inner_fn = _inner_spec(cfg).build(cfg.inner, mesh)
+  inner_fn = registry.inner_spec(cfg).build(cfg.inner, mesh)
   dims = tuple(int(m) for m in cfg.dims)
   reduction = cfg.reduction
 
@@ -129,6 +112,4 @@ def _build(cfg, mesh):
   return loss_fn
 
 
-SPEC = registry.register(registry.LossSpec(
-    name="matryoshka", build=_build, default_config=_default_config, init_params=_init_params,
-    clamp_params=_clamp_params, validate=_validate))
+SPEC = registry.wrapper("matryoshka", _build, _default_config, _validate)

@@ -67,3 +67,24 @@ def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
     raise ValueError(f"loss {name!r} has no field(s) {sorted(unknown)}; known: {sorted(fields)}")
   fields.update(overrides)
   return ml_collections.ConfigDict({"name": name, **fields})
+
+
+def inner_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
+  """The spec of a wrapper loss's `cfg.inner` sub-config (matryoshka, similarity_kd)."""
+  if not isinstance(cfg.get("inner"), ml_collections.ConfigDict) or "name" not in cfg.inner:
+    raise ValueError("config.loss.inner must be a loss sub-config with a `name`, e.g. loss_config('clip')")
+  return get(cfg.inner.name)
+
+
+def wrapper(name: str, build, default_config, validate=lambda cfg: None) -> LossSpec:
+  """Registers a loss that wraps `cfg.inner`: its params, clamp and validation are the inner loss's."""
+
+  def validate_all(cfg):
+    validate(cfg)
+    inner_spec(cfg).validate(cfg.inner)
+
+  return register(LossSpec(
+      name=name, build=build, default_config=default_config,
+      init_params=lambda cfg: inner_spec(cfg).init_params(cfg.inner),
+      clamp_params=lambda cfg, p: inner_spec(cfg).clamp_params(cfg.inner, p),
+      validate=validate_all))

@@ -43,5 +43,11 @@ class TwoTower(nn.Module):
     return {"image": self.encode_image(batch["image"]), "text": self.encode_text(batch["text"])}
 
 
+def example_batch(image_size: int, max_text_len: int) -> dict:
+  """A one-row batch with the model's input shapes (for init and eval_shape)."""
+  return {"image": jnp.zeros((1, image_size, image_size, 3), jnp.uint8),
+          "text": jnp.zeros((1, max_text_len), jnp.int32)}
+
+
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
   return TwoTower(config=model_config, vocab_size=vocab_size)

@@ -32,6 +32,7 @@ from big_embed.parallel import mesh as mesh_lib
 from big_embed.train import optimizer as optimizer_lib
 from big_embed.train import state as state_lib
 from big_embed.train import step as step_lib
+from big_embed.train import teacher as teacher_lib
 
 TOKENIZER_FILE = data_paths.TOKENIZER_FILENAME
 
@@ -111,10 +112,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
   model = two_tower.build_model(config.model, tokenizer.vocab_size)
   loss_spec = losses.get(config.loss.name)
   tx = optimizer_lib.make_optimizer(config.train)
-  m = config.model
-  example = {"image": jnp.zeros((1, m.image_size, m.image_size, 3), jnp.uint8),
-             "text": jnp.zeros((1, m.max_text_len), jnp.int32)}
-  init_fn = state_lib.make_init_fn(model, example, lambda: loss_spec.init_params(config.loss), tx, config.seed)
+  init_fn = state_lib.init_fn_from_config(config, model)
   abstract, shardings = state_lib.state_shardings(init_fn, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir_path / "checkpoints", max_to_keep=config.train.keep_checkpoints)
   return Experiment(config, workdir_path, data_dir, mesh, tokenizer, model, loss_spec, tx, init_fn, abstract,
@@ -208,14 +206,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"restarts with data seed {data_seed} (parameters and optimizer state resume exactly)", flush=True)
 
   batch_sharding = mesh_lib.batch_sharding(exp.mesh)  # every batch leaf: leading dim over data x fsdp
+  teacher = None
+  if config.get("teacher") and config.teacher.workdir:
+    teacher = teacher_lib.load_teacher(config.teacher, exp.mesh, exp.tokenizer)
+    print(f"Teacher: {config.teacher.workdir} (step {teacher.step})", flush=True)
   train_step = jax.jit(
       step_lib.make_train_step(
           exp.model, exp.loss_spec.build(config.loss, exp.mesh),
           lambda p: exp.loss_spec.clamp_params(config.loss, p), exp.tx,
-          optimizer_lib.learning_rate_schedule(cfg)),
-      in_shardings=(exp.state_shardings, batch_sharding),
+          optimizer_lib.learning_rate_schedule(cfg), teacher),
+      in_shardings=(exp.state_shardings, batch_sharding,
+                    jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None),
       out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
       donate_argnums=(0,))
+  teacher_params = teacher.params if teacher else None
   evaluators = build_evaluators(exp)
   writer = metrics_lib.MetricWriter(exp.workdir)
   stop = _StopSignal()
@@ -239,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     while step < cfg.steps:
       batch = assemble(next(data_iter))
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, teacher_params)
       step += 1
       pbar.update(1)
       is_last = step == cfg.steps
