@@ -238,3 +238,19 @@ def test_retrieval_set(data_dir):
   assert rs["images"].shape == (n, SIZE, SIZE, 3) and rs["images"].dtype == np.uint8
   assert len(rs["captions"]) == n and all(rs["captions"])
   assert rs["ids"] == _ids(data_dir, "test")
+
+
+def test_mismatched_captions_give_matching_scores(data_dir, tok):
+  cfg = _config(data_dir, mismatched_fraction=0.5)
+  plain = next(iter(pipeline.make_train_dataset(_config(data_dir), tok, batch_size=BATCH, image_size=SIZE, seed=0)))
+  pairs = next(iter(pipeline.make_train_dataset(cfg, tok, batch_size=BATCH, image_size=SIZE, seed=0)))
+  np.testing.assert_array_equal(pairs["image"], plain["image"])
+  swapped = (pairs["text"] != plain["text"]).any(axis=1)
+  assert 0 < swapped.sum() <= BATCH // 2
+  # A row scores 1 exactly when its caption came from an image with the same ids (a kept row always does).
+  kept = ~swapped
+  assert (pairs["score"][kept] == 1).all()
+  assert set(np.unique(pairs["score"])) <= {0.0, 1.0} and (pairs["score"] == 0).any()
+  with pytest.raises(ValueError, match="mismatched_fraction"):
+    pipeline.make_train_dataset(_config(data_dir, mismatched_fraction=1.5), tok, batch_size=BATCH,
+                                image_size=SIZE, seed=0)

@@ -32,6 +32,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       worker_count=0,  # > 0: Grain worker processes (needs absl flags parsed, ~8 s to start)
       num_threads=4,  # threads reading batches in each process
       prefetch_buffer_size=8,  # batches
+      mismatched_fraction=0.0,  # > 0: swap this share of captions within each batch and add "score" (see below)
   ))
 
 
@@ -80,10 +81,25 @@ _DECODERS = {"emoji": _decode_emoji, "fashion_mnist": _decode_fashion_mnist}
 _CAPTIONERS = {"emoji": _caption_emoji, "fashion_mnist": _caption_fashion_mnist}
 
 
+def _mismatch_captions(batch: dict[str, np.ndarray], rng: np.random.Generator, fraction: float
+                       ) -> dict[str, np.ndarray]:
+  """Image-text matching pairs: a `fraction` of rows get another row's caption (a cyclic shift among them).
+
+  Adds "score": float32 [B], 1 where the caption shows the image (same ids) and 0 elsewhere, for pair losses
+  such as CoSENT. "ids" stay the image's.
+  """
+  n = len(batch["text"])
+  rows = rng.choice(n, size=max(2, int(round(fraction * n))), replace=False)
+  text = np.array(batch["text"], dtype=object)
+  text_ids = np.array(batch["ids"])
+  text[rows], text_ids[rows] = text[np.roll(rows, 1)], text_ids[np.roll(rows, 1)]
+  return {**batch, "text": list(text), "score": (text_ids == np.asarray(batch["ids"])).astype(np.float32)}
+
+
 def _tokenize(batch: dict[str, np.ndarray], tokenizer: Tokenizer, max_len: int
               ) -> dict[str, np.ndarray]:
-  """{"image": uint8 [B, S, S, 3], "text": str [B], "ids"} -> {"image", "text": int32 [B, max_len], "ids": int32 [B]}."""
-  return {"image": batch["image"], "text": tokenizer.encode_batch(list(batch["text"]), max_len),
+  """{"text": str [B], "ids", ...} -> {"text": int32 [B, max_len], "ids": int32 [B], ...}."""
+  return {**batch, "text": tokenizer.encode_batch(list(batch["text"]), max_len),
           "ids": np.asarray(batch["ids"], np.int32)}
 
 
@@ -136,6 +152,11 @@ def make_train_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
            for name in mixture]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=list(mixture.values()))
   ds = ds.batch(batch_size, drop_remainder=True)
+  fraction = float(get("mismatched_fraction"))
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"config.data.mismatched_fraction must be in [0, 1], got {fraction}")
+  if fraction > 0:
+    ds = ds.random_map(functools.partial(_mismatch_captions, fraction=fraction), seed=_seed(seed, "mismatch"))
   ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer, max_len=int(get("max_text_len"))))
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(get("num_threads")),
                                              prefetch_buffer_size=int(get("prefetch_buffer_size"))))
