@@ -10,6 +10,11 @@ Every contrastive loss in `big_embed.losses` is a few lines over per-row statist
 | `total(mask, fn)`, `count`    | `Σ_{j∈mask} fn(s)_ij`, `|mask_i|`                         | positives, SigLIP softplus    |
 | `maximum(mask)`, `minimum`    | `max_{j∈mask} s_ij`                                       | accuracy, top-k bracket       |
 
+`fn` maps the tile to any [R, T] values, which covers the other rows of DESIGN.md's table: sigmoid sums
+(`total(mask, softplus(±s))`, SigLIP), weighted sums `log Σ_j w_ij e^{s_ij}` (`lse(mask, s + log w)`, PEG's
+hardness weights), sums with a per-row offset from an earlier pass (`Rows.aux`, DEXML's decoupled
+denominator and soft top-k threshold).
+
 `a` is a second "target" matrix, `target_scale · Qa Kaᵀ` from other features (intra-modal or teacher
 embeddings) or given per row for the extra columns; targets never carry gradient. Masks per (row, column):
 
@@ -31,7 +36,8 @@ Sharding: call the engine inside `jax.shard_map` over the batch axes (`shard` do
 
 * "gather": `lax.all_gather(tiled=True)` (differentiable; its transpose is a reduce-scatter), then tiles;
 * "ring":   the local key block is passed round the devices with `lax.ppermute`, W−1 hops, tiles of each
-            block in turn; no device ever holds the gathered keys at once in the forward pass;
+            block in turn: no all-gathered buffer, one block in flight (autodiff keeps each hop's block
+            for the backward pass, O(N·d) like the gather);
 * "local":  only this device's keys (per-device negatives, as in Piccolo2).
 
 Losses normalise once by the global number of contributing rows (`global_mean`: psum of sums / psum of
@@ -45,6 +51,7 @@ negatives, optional ids); `retrieval_layout` builds the engine inputs for the sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -391,7 +398,7 @@ def _scan_keys(stats, state, rows: Rows, keys: Keys, coef: _Coef, tile_size: int
   if keys.k.shape[0] == 0:
     return state
 
-  @jax.checkpoint
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot undo the remat
   def body(rows, coef, state, kt):
     return _update(stats, state, _key_tile(rows, kt, coef))
 

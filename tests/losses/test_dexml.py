@@ -14,6 +14,11 @@ B, L, D = 24, 32, 8
 SCALE = 20.0  # temperature 0.05
 
 
+def _scale(params):
+  """The logit scale: exp(t) when the temperature is learnable, else the fixed 1/0.05."""
+  return jnp.exp(params["logit_scale"]) if "logit_scale" in params else SCALE
+
+
 def inputs(seed):
   rng = np.random.default_rng(seed)
   emb = {"query": util.unit(rng, B, D), "label": util.unit(rng, L, D)}
@@ -51,8 +56,7 @@ def naive_softmax(batch):
   rows = pos.any(1)
 
   def ref(emb, params):
-    del params
-    l = SCALE * emb["query"] @ emb["label"].T
+    l = _scale(params) * emb["query"] @ emb["label"].T
     lse = jax.nn.logsumexp(jnp.where(live, l, -jnp.inf)[rows], axis=1)
     per_row = pos[rows].sum(1) * lse - jnp.sum(jnp.where(pos, l, 0.0)[rows], axis=1)
     return jnp.mean(per_row)
@@ -66,8 +70,7 @@ def naive_decoupled(batch):
   rows = pos.any(1)
 
   def ref(emb, params):
-    del params
-    l = (SCALE * emb["query"] @ emb["label"].T)[rows]  # [B', L]
+    l = (_scale(params) * emb["query"] @ emb["label"].T)[rows]  # [B', L]
     p, n = pos[rows], negs[rows]
     neg_exp = jnp.sum(jnp.where(n, jnp.exp(l), 0.0), axis=1, keepdims=True)  # Σ_{l∉P*} e^ℓ
     terms = -(l - jnp.log(jnp.exp(l) + neg_exp))  # −log(e^ℓp / (e^ℓp + Σ_neg e^ℓ)) for every column
@@ -118,8 +121,7 @@ def naive_topk(batch, k=5, alpha=2.0, k_mode="fixed"):
   rows = pos.any(1) & (ks > 0) & (pool.sum(1) > ks)
 
   def ref(emb, params):
-    del params
-    l = (SCALE * emb["query"] @ emb["label"].T)[rows]
+    l = (_scale(params) * emb["query"] @ emb["label"].T)[rows]
     t = _threshold(l, pool[rows], jnp.asarray(ks[rows], jnp.float32), alpha)
     log_pi = jax.nn.log_sigmoid(alpha * (l + t[:, None]))  # soft top-k membership
     p = pos[rows]
@@ -146,10 +148,12 @@ def test_topk_matches_naive_implicit_gradient(n, key_mode, tile):
   util.check("dexml", n, emb, batch, naive_topk(batch), tile_size=tile, key_mode=key_mode, mode="topk")
 
 
-def test_topk_num_pos():
+def test_topk_num_pos_learnable_temperature():
+  """Also the gradient w.r.t. the logit scale through the threshold's Newton step."""
   emb, batch = inputs(73)
-  util.check("dexml", 8, emb, batch, naive_topk(batch, k_mode="num_pos"), tile_size=7, mode="topk",
-             topk_k_mode="num_pos")
+  params = {"logit_scale": jnp.float32(np.log(15.0))}
+  util.check("dexml", 8, emb, batch, naive_topk(batch, k_mode="num_pos"), params=params, tile_size=7,
+             mode="topk", topk_k_mode="num_pos", learnable_temperature=True)
 
 
 def test_decoupled_ignores_non_sampled_positives():

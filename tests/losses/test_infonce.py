@@ -25,7 +25,7 @@ def inputs(seed, n_ids=16):
 
 
 def logits_and_masks(emb, batch, duplicates="ignore", shared=False, fn=None, fn_scores="student",
-                     margin=0.05, ratio=0.95):
+                     margin=0.05, ratio=0.95, scale=SCALE):
   """Full logits [B, C] over C = B keys + hard negatives, and (pos, neg) masks; no engine involved."""
   q, k, hn = emb["query"], emb["key"], emb["hard_negatives"]
   valid, ids, hn_valid = batch["valid"], batch.get("ids"), batch["hard_negative_valid"]
@@ -50,7 +50,7 @@ def logits_and_masks(emb, batch, duplicates="ignore", shared=False, fn=None, fn_
       ts = batch["teacher_scores"]
       drop = ts[:, 1:] >= threshold(jnp.asarray(ts[:, 0]))[:, None]  # [B, H]
       neg = neg & ~jnp.concatenate([jnp.zeros((B, B), bool), drop], axis=1)
-  return SCALE * dot, pos, neg
+  return scale * dot, pos, neg
 
 
 def naive_infonce(batch, multi="mean", **kw):

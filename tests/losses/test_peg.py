@@ -13,8 +13,8 @@ def naive_peg(batch, mode, gamma=0.0, beta=0.0):
   valid = batch["valid"]
 
   def ref(emb, params):
-    del params
-    logits, pos, neg = logits_and_masks(emb, batch)
+    scale = jnp.exp(params["logit_scale"]) if "logit_scale" in params else 20.0
+    logits, pos, neg = logits_and_masks(emb, batch, scale=scale)
     l, p, n = logits[valid], pos[valid], neg[valid]
     s_pos = jnp.sum(jnp.where(p, l, 0.0), axis=1)  # one positive per row here
     if mode == "hardness":
@@ -41,8 +41,10 @@ def test_peg_focal_matches_naive(n, key_mode, tile):
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
 def test_peg_hardness_matches_naive(n, key_mode, tile):
   emb, batch = inputs(51)
-  util.check("peg", n, emb, batch, naive_peg(batch, "hardness", beta=0.3), step=2000, tile_size=tile,
-             key_mode=key_mode, peg_mode="hardness", beta_max=0.3, peg_ramp_steps=1000)
+  params = {"logit_scale": jnp.float32(np.log(10.0))}  # learnable temperature: d/d logit_scale checked too
+  util.check("peg", n, emb, batch, naive_peg(batch, "hardness", beta=0.3), params=params, step=2000,
+             tile_size=tile, key_mode=key_mode, peg_mode="hardness", beta_max=0.3, peg_ramp_steps=1000,
+             learnable_temperature=True)
 
 
 def test_peg_off_by_default_is_infonce():

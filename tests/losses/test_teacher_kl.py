@@ -11,6 +11,10 @@ B, D, H, DT = 24, 8, 3, 5
 SCALE = 20.0
 
 
+def _scale(params):
+  return jnp.exp(params["logit_scale"]) if "logit_scale" in params else SCALE
+
+
 def inputs(seed):
   rng, q, k = util.pairs(seed)
   emb = {"query": q, "key": k, "hard_negatives": util.unit(rng, B, H, D)}
@@ -36,9 +40,8 @@ def naive_scores(batch, tau_t, lam):
   mask = np.concatenate([np.ones((B, 1), bool), batch["hard_negative_valid"]], axis=1)[valid]
 
   def ref(emb, params):
-    del params
     cand = jnp.concatenate([emb["key"][:, None], emb["hard_negatives"]], axis=1)  # [B, 1+H, D]
-    student = SCALE * jnp.einsum("bd,bcd->bc", emb["query"], cand)[valid]
+    student = _scale(params) * jnp.einsum("bd,bcd->bc", emb["query"], cand)[valid]
     kl, ce = _kl_ce(student, batch["teacher_scores"][valid] / tau_t, mask)
     return kl + lam * ce
 
@@ -70,8 +73,9 @@ def naive_embeddings(batch, tau_t, lam):
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
 def test_teacher_scores_matches_naive(n, key_mode, tile):
   emb, batch = inputs(60)
-  util.check("teacher_kl", n, emb, batch, naive_scores(batch, 2.0, 0.3), tile_size=tile, key_mode=key_mode,
-             teacher_temperature=2.0, hard_label_weight=0.3)
+  params = {"logit_scale": jnp.float32(np.log(12.0))}  # learnable temperature: d/d logit_scale checked too
+  util.check("teacher_kl", n, emb, batch, naive_scores(batch, 2.0, 0.3), params=params, tile_size=tile,
+             key_mode=key_mode, teacher_temperature=2.0, hard_label_weight=0.3, learnable_temperature=True)
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
