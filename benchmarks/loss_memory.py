@@ -1,14 +1,14 @@
 """Peak memory and time of one InfoNCE forward+backward: the tiled similarity engine vs the naive N×N matrix.
 
     python benchmarks/loss_memory.py                       # N ∈ {4096, …, 65536}, d = 512, both impls
-    python benchmarks/loss_memory.py --sizes 4096,8192 --impls tiled --tile_size 1024
+    python benchmarks/loss_memory.py --sizes 4096,8192 --impls tiled --tile_size 256
 
 Each (impl, N) runs in a fresh subprocess (so peak RSS is its own) under a memory cap: the child sets
 RLIMIT_AS to `--mem_cap_gib` plus headroom and, before running, compares XLA's compiled buffer sizes
 (`memory_analysis()`: arguments + outputs + temporaries) with the cap; an impl that does not fit is reported
 as a JSON line with "error" instead of being run. One JSON line per run on stdout:
 
-  {"impl": "tiled", "n": 16384, "d": 512, "tile_size": 1024, "compiled_temp_gib": …, "peak_rss_gib": …,
+  {"impl": "tiled", "n": 16384, "d": 512, "tile_size": 512, "compiled_temp_gib": …, "peak_rss_gib": …,
    "first_call_s": …, "seconds_per_step": …, "iters": …, "loss": …}
 
 Loss: one-directional InfoNCE of N unit queries against N unit keys (key i is query i's positive), scale 20,
@@ -117,7 +117,7 @@ def main():
   p.add_argument("--sizes", default="4096,8192,16384,32768,65536")
   p.add_argument("--impls", default="tiled,naive")
   p.add_argument("--d", type=int, default=512)
-  p.add_argument("--tile_size", type=int, default=1024)
+  p.add_argument("--tile_size", type=int, default=512)
   p.add_argument("--iters", type=int, default=0, help="timed steps after the warm-up (0: 2 up to N=16384, else 1)")
   p.add_argument("--mem_cap_gib", type=float, default=12.0, help="budget for XLA buffers of one run")
   p.add_argument("--headroom_gib", type=float, default=4.0, help="extra address space for the runtime itself")

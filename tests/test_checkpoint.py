@@ -1,7 +1,6 @@
 """Checkpoints: state + data iterator round trip, restore onto a different mesh, no half-written steps."""
 
 import errno
-import pathlib
 
 import jax
 import jax.numpy as jnp

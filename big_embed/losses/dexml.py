@@ -25,6 +25,8 @@ Inputs:
   batch["all_positive_ids"]: int [B, P*] every positive (-1 = padding); default positive_ids.
   batch["label_ids"]: int [L] ids of the pool's labels; default the global column index 0..L-1.
   batch["label_valid"]: bool [L]; batch["valid"]: bool [B]. Optional.
+  With in_batch_ids=True (image/text pairs whose batch["ids"] name classes): positive_ids = ids[:, None] and
+  label_ids = ids, so every in-batch label sharing the row's id is a positive.
 Params: {} or {"logit_scale"}. Metrics: loss, accuracy (top label is a positive), rows, logit_scale.
 `sample_positives` draws P_i from P*_i (without replacement, ∝ relevance) for the input pipeline.
 """
@@ -57,6 +59,7 @@ def _default_config():
       topk_k_mode="fixed",     # "fixed" | "num_pos" (k_i = number of the row's positives)
       topk_alpha=2.0,
       topk_n_iter=32,
+      in_batch_ids=False,      # True: the pool is the batch's own labels; batch["ids"] gives positives and label ids
       **common.engine_fields(),
   )
 
@@ -73,6 +76,7 @@ def _validate(cfg):
   common.check_choice(cfg, "topk_k_mode", K_MODES)
   common.check_positive(cfg, "topk_alpha")
   common.check_range(cfg, "topk_n_iter", lo=1, integer=True)
+  common.check_bool(cfg, "in_batch_ids")
   common.check_engine(cfg)
 
 
@@ -97,6 +101,11 @@ def _inputs(cfg, emb, batch) -> dict:
   b, d = q.shape
   labels = common.array(emb, cfg.label_tower, "emb", shape=(None, d)).astype(jnp.float32)
   n = labels.shape[0]
+  if cfg.in_batch_ids:  # row i's label is labels[i]; every label with row i's id is a positive of row i
+    ids = common.array(batch, "ids", "batch", shape=(b,)).astype(jnp.int32)
+    if n != b:
+      raise ValueError(f"dexml: in_batch_ids needs one label per query, got {b} queries and {n} labels")
+    batch = {**batch, "positive_ids": ids[:, None], "label_ids": ids}
   out = {"query": q, "labels": labels,
          "positive_ids": common.array(batch, "positive_ids", "batch", shape=(b, None)).astype(jnp.int32)}
   allp = common.array(batch, "all_positive_ids", "batch", shape=(b, None), required=False)

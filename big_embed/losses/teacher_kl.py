@@ -71,11 +71,8 @@ def _inputs(cfg, emb, batch) -> dict:
                     required=cfg.teacher_source == "scores")
   if hn is not None:
     out["hard_negatives"] = hn.astype(jnp.float32)
-    out["hard_negative_valid"] = common.array(
-        batch, "hard_negative_valid", "batch", shape=hn.shape[:2], required=False)
-    if out["hard_negative_valid"] is None:
-      out["hard_negative_valid"] = jnp.ones(hn.shape[:2], bool)
-    out["hard_negative_valid"] = out["hard_negative_valid"].astype(bool)
+    hv = common.array(batch, "hard_negative_valid", "batch", shape=hn.shape[:2], required=False)
+    out["hard_negative_valid"] = jnp.ones(hn.shape[:2], bool) if hv is None else hv.astype(bool)
   valid = common.array(batch, "valid", "batch", shape=(b,), required=False)
   if valid is not None:
     out["valid"] = valid.astype(bool)
@@ -83,12 +80,13 @@ def _inputs(cfg, emb, batch) -> dict:
   if cfg.teacher_source == "scores":
     out["teacher_scores"] = common.array(batch, "teacher_scores", "batch", shape=(b, 1 + h)).astype(jnp.float32)
   else:
-    tq = common.array(batch, "teacher_query", "batch", ndim=2)
-    out["teacher_query"] = engine.l2_normalize(common.array(batch, "teacher_query", "batch", shape=(b, None)))
-    out["teacher_key"] = engine.l2_normalize(common.array(batch, "teacher_key", "batch", shape=(b, tq.shape[1])))
+    tq = common.array(batch, "teacher_query", "batch", shape=(b, None))  # [B, Dt]
+    dt = tq.shape[1]
+    out["teacher_query"] = engine.l2_normalize(tq)
+    out["teacher_key"] = engine.l2_normalize(common.array(batch, "teacher_key", "batch", shape=(b, dt)))
     if hn is not None:
       out["teacher_hard_negatives"] = engine.l2_normalize(
-          common.array(batch, "teacher_hard_negatives", "batch", shape=(b, h, tq.shape[1])))
+          common.array(batch, "teacher_hard_negatives", "batch", shape=(b, h, dt)))
   return {k: lax.stop_gradient(v) if k.startswith("teacher") else v for k, v in out.items()}
 
 

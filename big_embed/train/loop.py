@@ -12,10 +12,8 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 from tqdm import auto as tqdm
 
 from big_embed import checkpoint as ckpt_lib
