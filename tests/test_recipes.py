@@ -32,3 +32,16 @@ def test_recipe_trains(name, data_dir, tmp_path, request):
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert len(losses) == STEPS and all(isinstance(v, float) and math.isfinite(v) for v in losses), losses
   assert set(results) == set(cfg.evals)
+
+
+def _loss_names(cfg):
+  names = {cfg.name}
+  if "inner" in cfg:
+    names |= _loss_names(cfg.inner)
+  return names
+
+
+def test_every_registered_loss_has_a_recipe():
+  from big_embed import losses  # pylint: disable=g-import-not-at-top
+  covered = set().union(*(_loss_names(tiny.recipe(name).loss) for name in RECIPES))
+  assert covered == set(losses.names()), sorted(set(losses.names()) - covered)
