@@ -25,6 +25,7 @@ def teacher_workdir(data_dir, tmp_path_factory):
 def test_recipe_trains(name, data_dir, tmp_path, request):
   cfg = tiny.tiny_config(data_dir, steps=STEPS, name=name)
   cfg.train.log_every = 1
+  cfg.train.checkpoint_every = STEPS
   if "teacher" in cfg:
     cfg.teacher.workdir = str(request.getfixturevalue("teacher_workdir"))
   results = loop.train_and_evaluate(cfg, str(tmp_path))
