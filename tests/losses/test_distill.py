@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from big_embed import losses
+from tests.losses import util
 from big_embed.losses import distill
-from big_embed.parallel.mesh import batch_sharding, make_mesh
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -59,28 +59,8 @@ def np_ce(zs, y):
   return np.mean([-np.log(np_softmax(np.float64(zs[i]))[y[i]]) for i in range(len(y))])
 
 
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of a float64 NumPy function."""
-  x = np.float64(x)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _mesh(n):
-  return make_mesh({"data": -1}, devices=jax.devices()[:n])
-
-
-def _put(mesh, tree):
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), tree)
 
 
 def _run(name, cfg, mesh, emb, batch, step=0):
@@ -91,7 +71,7 @@ def _run(name, cfg, mesh, emb, batch, step=0):
   def f(emb, floats, ints, step):
     return loss_fn(emb, {**floats, **ints}, params, step)
 
-  emb, batch = _put(mesh, (emb, batch))
+  emb, batch = util.put(mesh, (emb, batch))
   floats = {k: v for k, v in batch.items() if jnp.issubdtype(v.dtype, jnp.floating)}
   ints = {k: v for k, v in batch.items() if k not in floats}
   (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
@@ -116,17 +96,17 @@ def _logits(seed, b=8, c=5, spread=3.0):
 def test_logit_kd_matches_naive(mode, n_dev):
   zs, zt, _ = _logits(0)
   cfg = losses.loss_config("logit_kd", mode=mode, temperature=2.5, t2_factor=True, weight=0.5)
-  loss, _, (g_emb, g_batch) = _run("logit_kd", cfg, _mesh(n_dev), {"logits": zs}, {"teacher_logits": zt})
+  loss, _, (g_emb, g_batch) = _run("logit_kd", cfg, util.mesh(n_dev), {"logits": zs}, {"teacher_logits": zt})
   ref = lambda zs: 0.5 * 2.5**2 * np_kd(zs, zt, 2.5, mode)
   np.testing.assert_allclose(loss, ref(zs), **TOL)
-  np.testing.assert_allclose(g_emb["logits"], fd_grad(ref, zs), **TOL)
+  np.testing.assert_allclose(g_emb["logits"], util.fd_grad(ref, zs), **TOL)
   assert not np.any(g_batch["teacher_logits"])  # teacher under stop_gradient
 
 
 def test_logit_kd_teacher_from_emb_gets_no_gradient():
   zs, zt, _ = _logits(1)
   cfg = losses.loss_config("logit_kd", teacher="teacher", teacher_from="emb", mode="js")
-  loss, _, (g_emb, _) = _run("logit_kd", cfg, _mesh(1), {"logits": zs, "teacher": zt}, {})
+  loss, _, (g_emb, _) = _run("logit_kd", cfg, util.mesh(1), {"logits": zs, "teacher": zt}, {})
   np.testing.assert_allclose(loss, np_kd(zs, zt, 1.0, "js"), **TOL)
   assert not np.any(g_emb["teacher"]) and np.any(g_emb["logits"])
 
@@ -146,7 +126,7 @@ def test_property_kd(b, c, t, mode, seed):
   loss, g = fn(zs, zt)
   ref = lambda zs: np_kd(zs, zt, t, mode)
   np.testing.assert_allclose(loss, ref(zs), **TOL)
-  np.testing.assert_allclose(g, fd_grad(ref, zs), **TOL)
+  np.testing.assert_allclose(g, util.fd_grad(ref, zs), **TOL)
   assert loss >= -1e-6 or mode == "soft_ce"
 
 
@@ -161,7 +141,7 @@ def test_sinkhorn_matches_naive(mode):
   d, g = jax.value_and_grad(fn)(jnp.asarray(zs))
   ref = lambda zs: np_sinkhorn(zs, zt)
   np.testing.assert_allclose(d, ref(zs), **TOL)
-  np.testing.assert_allclose(g, fd_grad(ref, zs), **TOL)
+  np.testing.assert_allclose(g, util.fd_grad(ref, zs), **TOL)
 
 
 def test_sinkhorn_plan_marginals():
@@ -227,11 +207,11 @@ def np_sinkd(zs, zt, y, alpha, beta, t, kd_mode="soft_ce", scale=1e-3, t2=False)
 def test_sinkd_matches_naive(n_dev):
   zs, zt, y = _logits(5, b=8, c=3)
   cfg = losses.loss_config("sinkd", alpha=0.8, beta=0.8, kd_temperature=3.0)
-  loss, metrics, (g_emb, g_batch) = _run("sinkd", cfg, _mesh(n_dev), {"logits": zs},
+  loss, metrics, (g_emb, g_batch) = _run("sinkd", cfg, util.mesh(n_dev), {"logits": zs},
                                          {"teacher_logits": zt, "label": y})
   ref = lambda zs: np_sinkd(zs, zt, y, 0.8, 0.8, 3.0)
   np.testing.assert_allclose(loss, ref(zs), **TOL)
-  np.testing.assert_allclose(g_emb["logits"], fd_grad(ref, zs), **TOL)
+  np.testing.assert_allclose(g_emb["logits"], util.fd_grad(ref, zs), **TOL)
   np.testing.assert_allclose(metrics["sinkhorn"], 1e-3 * np_sinkhorn(zs, zt), **TOL)
   assert not np.any(g_batch["teacher_logits"])
 
@@ -239,7 +219,7 @@ def test_sinkd_matches_naive(n_dev):
 def test_sinkd_alpha_one_needs_no_labels_and_log_mode():
   zs, zt, _ = _logits(6, b=8, c=3)
   cfg = losses.loss_config("sinkd", alpha=1.0, sinkhorn_mode="log", kd_mode="kl")
-  loss, metrics, _ = _run("sinkd", cfg, _mesh(8), {"logits": zs}, {"teacher_logits": zt})
+  loss, metrics, _ = _run("sinkd", cfg, util.mesh(8), {"logits": zs}, {"teacher_logits": zt})
   np.testing.assert_allclose(loss, np_sinkd(zs, zt, None, 1.0, 0.8, 2.0, "kl"), **TOL)
   assert "ce" not in metrics
 
@@ -283,11 +263,11 @@ def test_disco_matches_naive(reduction, n_dev):
   tq, tk = (rng.normal(size=(8, 4)).astype(np.float32) for _ in range(2))  # un-normalised teacher
   cfg = losses.loss_config("disco_mse", students=("q", "q_k"), teachers=("t_q", "t_k"), reduction=reduction,
                            weight=2.0)
-  loss, _, (g_emb, g_batch) = _run("disco_mse", cfg, _mesh(n_dev), {"q": sq, "q_k": sk},
+  loss, _, (g_emb, g_batch) = _run("disco_mse", cfg, util.mesh(n_dev), {"q": sq, "q_k": sk},
                                    {"t_q": tq, "t_k": tk})
   np.testing.assert_allclose(loss, 2.0 * np_disco((sq, sk), (tq, tk), reduction), **TOL)
-  np.testing.assert_allclose(g_emb["q"], fd_grad(lambda x: 2.0 * np_disco((x,), (tq,), reduction), sq), **TOL)
-  np.testing.assert_allclose(g_emb["q_k"], fd_grad(lambda x: 2.0 * np_disco((x,), (tk,), reduction), sk), **TOL)
+  np.testing.assert_allclose(g_emb["q"], util.fd_grad(lambda x: 2.0 * np_disco((x,), (tq,), reduction), sq), **TOL)
+  np.testing.assert_allclose(g_emb["q_k"], util.fd_grad(lambda x: 2.0 * np_disco((x,), (tk,), reduction), sk), **TOL)
   assert not np.any(g_batch["t_q"])
 
 
@@ -297,7 +277,7 @@ def test_disco_with_inner_contrastive_loss():
   inner = losses.loss_config("cosent", towers=("image", "text"))
   cfg = losses.loss_config("disco_mse", students=("image",), teachers=("teacher",), inner=inner)
   y = rng.normal(size=8).astype(np.float32)
-  loss, metrics, _ = _run("disco_mse", cfg, _mesh(8), {"image": img, "text": txt}, {"teacher": tea, "score": y})
+  loss, metrics, _ = _run("disco_mse", cfg, util.mesh(8), {"image": img, "text": txt}, {"teacher": tea, "score": y})
   cosent = losses.get("cosent").build(inner, None)({"image": img, "text": txt}, {"score": y}, {}, 0)[0]
   np.testing.assert_allclose(loss, np_disco((img,), (tea,), "sum") + cosent, **TOL)
   np.testing.assert_allclose(metrics["inner/loss"], cosent, **TOL)
@@ -314,12 +294,12 @@ def test_repcon_matches_naive(n_dev):
   cfg = losses.loss_config("repcon_kd", weights=(0.3, 1.5), temperature=2.0)
   emb = {"head_0": z0s, "head_generalist": zgs}
   batch = {"teacher_0": z0t, "teacher_generalist": zgt}
-  loss, _, (g_emb, _) = _run("repcon_kd", cfg, _mesh(n_dev), emb, batch)
+  loss, _, (g_emb, _) = _run("repcon_kd", cfg, util.mesh(n_dev), emb, batch)
   ref0 = lambda z: 4.0 * 0.3 * np_kd(z, z0t, 2.0, "kl")
   refg = lambda z: 4.0 * 1.5 * np_kd(z, zgt, 2.0, "kl")
   np.testing.assert_allclose(loss, ref0(z0s) + refg(zgs), **TOL)
-  np.testing.assert_allclose(g_emb["head_0"], fd_grad(ref0, z0s), **TOL)
-  np.testing.assert_allclose(g_emb["head_generalist"], fd_grad(refg, zgs), **TOL)
+  np.testing.assert_allclose(g_emb["head_0"], util.fd_grad(ref0, z0s), **TOL)
+  np.testing.assert_allclose(g_emb["head_generalist"], util.fd_grad(refg, zgs), **TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from big_embed import losses
+from tests.losses import util
 from big_embed.losses import hybrid
-from big_embed.parallel.mesh import batch_sharding, make_mesh
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -70,27 +70,8 @@ def np_mrl(fn, arrays, dims):
   return np.mean([fn(*[cut(np.float64(x) if x is not None else None, m) for x in arrays]) for m in dims])
 
 
-def fd_grad(f, x, h=1e-7):
-  x = np.float64(x)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _mesh(n):
-  return make_mesh({"data": -1}, devices=jax.devices()[:n])
-
-
-def _put(mesh, tree):
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), tree)
 
 
 def _run(cfg, mesh, emb, batch, task):
@@ -101,7 +82,7 @@ def _run(cfg, mesh, emb, batch, task):
   def f(emb, batch):
     return loss_fn(emb, {**batch, "task": task}, {}, jnp.int32(0))
 
-  emb, batch = _put(mesh, (emb, batch))
+  emb, batch = util.put(mesh, (emb, batch))
   (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(emb, batch)
   return loss, metrics, grads
 
@@ -143,14 +124,14 @@ def test_matches_naive(task, n_dev, dims, key_mode):
   emb = {"query": q, "key": p} if task == "sts" else {"query": q, "key": p, "hard_negatives": n}
   batch = {"score": y} if task == "sts" else {}
   cfg = losses.loss_config("hybrid", mrl_dims=dims, key_mode=key_mode, tile_size=8)
-  loss, metrics, grads = _run(cfg, _mesh(n_dev), emb, batch, task)
+  loss, metrics, grads = _run(cfg, util.mesh(n_dev), emb, batch, task)
   nn = None if task == "sts" else n
   ref = _reference(task, y, dims, shards=n_dev if key_mode == "local" else 1)
   np.testing.assert_allclose(loss, ref(q, p, nn), **TOL)
-  np.testing.assert_allclose(grads["query"], fd_grad(lambda x: ref(x, p, nn), q), **TOL)
-  np.testing.assert_allclose(grads["key"], fd_grad(lambda x: ref(q, x, nn), p), **TOL)
+  np.testing.assert_allclose(grads["query"], util.fd_grad(lambda x: ref(x, p, nn), q, h=1e-7), **TOL)
+  np.testing.assert_allclose(grads["key"], util.fd_grad(lambda x: ref(q, x, nn), p, h=1e-7), **TOL)
   if nn is not None:
-    np.testing.assert_allclose(grads["hard_negatives"], fd_grad(lambda x: ref(q, p, x), n), **TOL)
+    np.testing.assert_allclose(grads["hard_negatives"], util.fd_grad(lambda x: ref(q, p, x), n, h=1e-7), **TOL)
   assert f"{task}/loss" in metrics
 
 
@@ -172,10 +153,10 @@ def test_retrieval_padding_and_duplicate_ids():
   n_valid = np.array([[1, 0]] * 4 + [[1, 1]] * 4, bool)
   cfg = losses.loss_config("hybrid", key_mode="gather")
   batch = {"valid": valid, "ids": ids, "hard_negative_valid": n_valid}
-  loss, _, grads = _run(cfg, _mesh(8), {"query": q, "key": p, "hard_negatives": n}, batch, "retrieval")
+  loss, _, grads = _run(cfg, util.mesh(8), {"query": q, "key": p, "hard_negatives": n}, batch, "retrieval")
   ref = lambda q: np_retrieval(np.float64(q), np.float64(p), np.float64(n), valid=valid, ids=ids, n_valid=n_valid)
   np.testing.assert_allclose(loss, ref(q), **TOL)
-  np.testing.assert_allclose(grads["query"], fd_grad(ref, q), **TOL)
+  np.testing.assert_allclose(grads["query"], util.fd_grad(ref, q, h=1e-7), **TOL)
   assert not np.any(grads["query"][~valid]) and not np.any(grads["hard_negatives"][~valid])
 
 
@@ -218,7 +199,7 @@ def test_property_shapes(b, h, d, task, seed):
   # That is float32's resolution at κ = 100, not an error in the loss. The fixed-input tests above check
   # 1e-5 everywhere.
   tol = TOL if task == "classification" else dict(rtol=1e-5, atol=2e-3)
-  np.testing.assert_allclose(g, fd_grad(lambda x: ref(x, p, n), q), **tol)
+  np.testing.assert_allclose(g, util.fd_grad(lambda x: ref(x, p, n), q, h=1e-7), **tol)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from big_embed import losses
-from big_embed.parallel.mesh import batch_sharding, make_mesh
+from tests.losses import util
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -43,27 +43,8 @@ def np_matryoshka(inner, a, b, dims, reduction):
   return np.mean(vals) if reduction == "mean" else np.sum(vals)
 
 
-def fd_grad(f, x, h=1e-6):
-  x = np.float64(x)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _mesh(n):
-  return make_mesh({"data": -1}, devices=jax.devices()[:n])
-
-
-def _put(mesh, tree):
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), tree)
 
 
 def _run(cfg, mesh, emb, batch):
@@ -75,7 +56,7 @@ def _run(cfg, mesh, emb, batch):
   def f(emb):
     return loss_fn(emb, batch, params, jnp.int32(0))
 
-  emb, batch = _put(mesh, (emb, batch))
+  emb, batch = util.put(mesh, (emb, batch))
   (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(emb)
   return loss, metrics, grads
 
@@ -96,11 +77,11 @@ def test_clip_inner_matches_naive(reduction, n_dev):
   img, txt = _emb(0)
   cfg = losses.loss_config("matryoshka", inner=losses.loss_config("clip", temperature_init=0.1),
                            dims=(2, 5, 8), reduction=reduction)
-  loss, metrics, grads = _run(cfg, _mesh(n_dev), {"image": img, "text": txt}, {})
+  loss, metrics, grads = _run(cfg, util.mesh(n_dev), {"image": img, "text": txt}, {})
   ref = lambda a, b: np_matryoshka(lambda x, y: np_clip(x, y, 10.0), a, b, (2, 5, 8), reduction)
   np.testing.assert_allclose(loss, ref(img, txt), **TOL)
-  np.testing.assert_allclose(grads["image"], fd_grad(lambda a: ref(a, txt), img), **TOL)
-  np.testing.assert_allclose(grads["text"], fd_grad(lambda b: ref(img, b), txt), **TOL)
+  np.testing.assert_allclose(grads["image"], util.fd_grad(lambda a: ref(a, txt), img), **TOL)
+  np.testing.assert_allclose(grads["text"], util.fd_grad(lambda b: ref(img, b), txt), **TOL)
   for m in (2, 5, 8):
     np.testing.assert_allclose(metrics[f"d{m}/loss"], np_clip(np_prefix(img, m), np_prefix(txt, m), 10.0), **TOL)
 
@@ -110,11 +91,11 @@ def test_cosent_inner_matches_naive(n_dev):
   q, p = _emb(1, b=8, d=6)
   y = np.random.default_rng(1).integers(0, 3, size=8).astype(np.float32)
   cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", weight=0.04), dims=(1, 3, 6))
-  loss, _, grads = _run(cfg, _mesh(n_dev), {"query": q, "key": p}, {"score": y})
+  loss, _, grads = _run(cfg, util.mesh(n_dev), {"query": q, "key": p}, {"score": y})
   ref = lambda a, b: 0.04 * np_matryoshka(lambda x, z: np_cosent(x, z, y), a, b, (1, 3, 6), "mean")
   np.testing.assert_allclose(loss, ref(q, p), **TOL)
-  np.testing.assert_allclose(grads["query"], fd_grad(lambda a: ref(a, p), q), **TOL)
-  np.testing.assert_allclose(grads["key"], fd_grad(lambda b: ref(q, b), p), **TOL)
+  np.testing.assert_allclose(grads["query"], util.fd_grad(lambda a: ref(a, p), q), **TOL)
+  np.testing.assert_allclose(grads["key"], util.fd_grad(lambda b: ref(q, b), p), **TOL)
 
 
 def test_only_listed_towers_are_truncated():
@@ -123,7 +104,7 @@ def test_only_listed_towers_are_truncated():
   extra = np.ones((4, 3), np.float32)  # not an embedding: must be passed through untouched
   inner = losses.loss_config("cosent")
   cfg = losses.loss_config("matryoshka", inner=inner, dims=(2, 6), towers=("query", "key"))
-  loss, _, _ = _run(cfg, _mesh(1), {"query": q, "key": p, "extra": extra}, {"score": y})
+  loss, _, _ = _run(cfg, util.mesh(1), {"query": q, "key": p, "extra": extra}, {"score": y})
   np.testing.assert_allclose(loss, np_matryoshka(lambda x, z: np_cosent(x, z, y), q, p, (2, 6), "mean"), **TOL)
 
 
@@ -141,7 +122,7 @@ def test_property_prefixes(b, d, data):
   loss, g = f(q)
   ref = lambda a: np_matryoshka(lambda x, z: np_cosent(x, z, y, 5.0), a, p, dims, reduction)
   np.testing.assert_allclose(loss, ref(q), **TOL)
-  np.testing.assert_allclose(g, fd_grad(ref, q), **TOL)
+  np.testing.assert_allclose(g, util.fd_grad(ref, q), **TOL)
 
 
 def test_params_delegate_to_inner():

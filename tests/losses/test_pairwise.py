@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from big_embed import losses
+from tests.losses import util
 from big_embed.losses import pairwise
-from big_embed.parallel.mesh import batch_sharding, make_mesh
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -33,26 +33,6 @@ def naive_cosent_np(a, b, y, scale=20.0):
   return np.log1p(np.sum(terms)) if terms else 0.0
 
 
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of a float64 NumPy function."""
-  x = np.float64(x)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
-
-def _mesh(n):
-  return make_mesh({"data": -1}, devices=jax.devices()[:n])
-
-
-def _put(mesh, tree):
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), tree)
-
-
 def _inputs(seed, b=8, d=6, levels=4):
   rng = np.random.default_rng(seed)
   a = rng.normal(size=(b, d)).astype(np.float32)
@@ -67,7 +47,7 @@ def _loss_and_grad(cfg, mesh, a, p, y):
   def f(emb, batch):
     return loss_fn(emb, batch, {}, jnp.int32(0))
 
-  emb, batch = _put(mesh, ({"query": a, "key": p}, {"score": y}))
+  emb, batch = util.put(mesh, ({"query": a, "key": p}, {"score": y}))
   (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(emb, batch)
   return loss, metrics, grads
 
@@ -76,7 +56,7 @@ def _loss_and_grad(cfg, mesh, a, p, y):
 def test_matches_double_loop(n_dev):
   a, p, y = _inputs(0, b=16)
   cfg = losses.loss_config("cosent", weight=0.04)
-  loss, metrics, grads = _loss_and_grad(cfg, _mesh(n_dev), a, p, y)
+  loss, metrics, grads = _loss_and_grad(cfg, util.mesh(n_dev), a, p, y)
   want, (ga, gp) = jax.value_and_grad(naive_cosent, argnums=(0, 1))(
       jnp.asarray(a), jnp.asarray(p), y, 20.0, 0.04)
   np.testing.assert_allclose(loss, want, **TOL)
@@ -94,8 +74,8 @@ def test_property_matches_double_loop(b, d, levels, scale, seed):
   loss_fn = lambda a, p, y: pairwise.cosent_loss(a, p, y, scale)[0]
   loss, (ga, gp) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(a, p, y)
   np.testing.assert_allclose(loss, naive_cosent_np(a, p, y, scale), **TOL)
-  np.testing.assert_allclose(ga, fd_grad(lambda x: naive_cosent_np(x, p, y, scale), a), **TOL)
-  np.testing.assert_allclose(gp, fd_grad(lambda x: naive_cosent_np(a, x, y, scale), p), **TOL)
+  np.testing.assert_allclose(ga, util.fd_grad(lambda x: naive_cosent_np(x, p, y, scale), a), **TOL)
+  np.testing.assert_allclose(gp, util.fd_grad(lambda x: naive_cosent_np(a, x, y, scale), p), **TOL)
   assert loss >= 0 and np.isfinite(loss)
 
 

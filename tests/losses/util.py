@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_embed import losses
-from big_embed.parallel.mesh import make_mesh
+from big_embed.parallel.mesh import batch_sharding, make_mesh
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -109,3 +109,20 @@ def pair_masks(valid, ids, duplicates):
   ignore = same & ~eye if duplicates == "ignore" else np.zeros_like(eye)
   neg = live & ~pos & ~ignore
   return pos, neg
+
+
+def put(mesh_, tree):
+  """Shards every leaf's leading dim over the mesh's batch axes."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh_, x.ndim)), tree)
+
+
+def fd_grad(f, x, h=1e-6):
+  """Central finite differences of a float64 NumPy function of one array."""
+  x = np.float64(x)
+  g = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    up, down = x.copy(), x.copy()
+    up[idx] += h
+    down[idx] -= h
+    g[idx] = (f(up) - f(down)) / (2 * h)
+  return g
