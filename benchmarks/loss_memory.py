@@ -61,6 +61,7 @@ def _child(args):
                     f"> cap {args.mem_cap_gib} GiB; not run")
     print(json.dumps(out), flush=True)
     return
+  print(json.dumps({**out, "status": "compiled"}), flush=True)  # the parent reports this line if we die
 
   @jax.jit
   def make(key):
@@ -103,13 +104,16 @@ def _parent(args):
         print(json.dumps({"impl": impl, "n": n, "d": args.d, "error": f"timeout after {args.timeout_s} s"}),
               flush=True)
         continue
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-      if proc.returncode == 0 and lines:
-        print(lines[-1], flush=True)
-      else:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        print(json.dumps({"impl": impl, "n": n, "d": args.d, "error": f"exit code {proc.returncode}: "
-                          + " | ".join(tail)[-400:], "wall_s": round(time.perf_counter() - t, 1)}), flush=True)
+      lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+      if proc.returncode == 0 and lines and "status" not in lines[-1]:
+        print(json.dumps(lines[-1]), flush=True)
+      else:  # crashed (e.g. out of memory under the cap) or killed: keep what the child had measured
+        last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
+        out = {k: v for k, v in (lines[-1] if lines else {"impl": impl, "n": n, "d": args.d}).items()
+               if k != "status"}
+        out["error"] = f"exit code {proc.returncode}: {last[0][-300:]}"
+        out["wall_s"] = round(time.perf_counter() - t, 1)
+        print(json.dumps(out), flush=True)
 
 
 def main():
