@@ -596,21 +596,21 @@ def retrieval_layout(queries, keys, *, shards: Shards, valid=None, ids=None, dup
 
 
 def contrastive_stats(multi_positive: str = "mean") -> dict[str, Stat]:
-  """Statistics for InfoNCE rows: pool LSE, positive sums/counts and the top-1 metric."""
+  """Statistics for InfoNCE rows: positive and negative LSEs, positive sums/counts and the top-1 metric."""
   if multi_positive not in MULTI_POSITIVE:
     raise ValueError(f"multi_positive must be one of {MULTI_POSITIVE}, got {multi_positive!r}")
-  stats = {"lse": lse("pool"), "pos_sum": total("pos"), "pos_count": count("pos"),
-           "pos_max": maximum("pos"), "neg_max": maximum("neg")}
-  if multi_positive == "lse":
-    stats["pos_lse"] = lse("pos")
-  return stats
+  return {"pos_lse": lse("pos"), "neg_lse": lse("neg"), "pos_sum": total("pos"), "pos_count": count("pos"),
+          "pos_max": maximum("pos"), "neg_max": maximum("neg")}
 
 
 def contrastive_nll(st: dict, multi_positive: str = "mean"):
   """Per-row InfoNCE from `contrastive_stats`.
 
   nll_i = lse_i − mean_{p∈P_i} s_ip ("mean": every positive a target, SupCon-out style; one positive: the
-  usual −log softmax) or lse_i − log Σ_{p∈P_i} exp(s_ip) ("lse": −log of the positives' total probability).
+  usual −log softmax) or lse_i − log Σ_{p∈P_i} exp(s_ip) ("lse": −log of the positives' total probability),
+  with lse_i the pool's LSE. Computed as logaddexp(lse_pos − target, lse_neg − target) so that a dominant
+  positive (e.g. τ = 0.01) does not cancel two large, nearly equal numbers: with one positive this is
+  softplus(lse_neg − s_ip), exact in float32.
   Returns nll [R] (0 on rows without a positive), ok [R] bool (row has a positive), correct [R] float
   (top-1 column is a positive).
   """
@@ -619,7 +619,9 @@ def contrastive_nll(st: dict, multi_positive: str = "mean"):
     target = st["pos_sum"] / jnp.maximum(st["pos_count"], 1.0)
   else:
     target = st["pos_lse"]
-  nll = jnp.where(ok, st["lse"] - jnp.where(ok, target, 0.0), 0.0)
+  target = jnp.where(ok, target, 0.0)
+  pos_part = jnp.where(ok, st["pos_lse"], 0.0) - target  # >= 0; exactly 0 with one positive
+  nll = jnp.where(ok, jnp.logaddexp(pos_part, st["neg_lse"] - target), 0.0)
   correct = (ok & (st["pos_max"] >= st["neg_max"])).astype(jnp.float32)
   return nll, ok, correct
 
