@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
+    "pysword==0.2.8",  # Reads the SWORD Bible modules of the bible corpus.
     "ml-collections==1.1.0",
     "absl-py",
     "numpy",

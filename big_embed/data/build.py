@@ -14,10 +14,23 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from big_embed.data import captions, debian, emoji, fashion_mnist, paths, sources, tokenizer
+from big_embed.data import (bible, captions, debian, debian_packages, emoji, fashion_mnist, foldoc,
+                            fortunes, paths, similarity_sets, sources, tokenizer, wordnet)
 from big_embed.data.errors import DataError
 
-_PACKAGES = {"emoji": emoji.DEBIAN_PACKAGES, "fashion_mnist": fashion_mnist.DEBIAN_PACKAGES}
+# Debian packages holding each dataset's raw sources (installed before the build when root).
+_PACKAGES = {
+    "emoji": emoji.DEBIAN_PACKAGES,
+    "fashion_mnist": fashion_mnist.DEBIAN_PACKAGES,
+    "bible": bible.DEBIAN_PACKAGES,
+    "wordnet": wordnet.DEBIAN_PACKAGES,
+    "debian_packages": debian_packages.DEBIAN_PACKAGES,
+    "fortunes": fortunes.DEBIAN_PACKAGES,
+    "foldoc": foldoc.DEBIAN_PACKAGES,
+    "lee50": similarity_sets.DEBIAN_PACKAGES,
+    "wordsim353": similarity_sets.DEBIAN_PACKAGES,
+    "simlex999": similarity_sets.DEBIAN_PACKAGES,
+}
 
 
 def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
@@ -41,12 +54,17 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
       shutil.rmtree(stale)
   start = time.perf_counter()
   data_dir.mkdir(parents=True, exist_ok=True)
+  builder = sources.make_builder(name, data_dir)
   with tempfile.TemporaryDirectory(prefix="big_embed_downloads_") as downloads:
-    sources.make_builder(name, data_dir).download_and_prepare(
+    builder.download_and_prepare(
         download_dir=downloads,
         download_config=tfds.download.DownloadConfig(
             compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  counts = {split: len(sources.open_split(name, data_dir, split)) for split in ("train", "test")}
+  skips = getattr(builder, "skip_counts", None)  # Text corpora count the records they drop.
+  if skips is not None:
+    print(skips.message(name), flush=True)
+  counts = {split: len(sources.open_split(name, data_dir, split))
+            for split in sources.make_builder(name, data_dir).info.splits}
   print(f"{name}: built {counts} in {time.perf_counter() - start:.1f} s -> {target}", flush=True)
   return True
 
@@ -87,6 +105,9 @@ def prepare(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None
             overwrite: bool = False, vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE) -> pathlib.Path:
   """Builds datasets `names` (skipping finished ones unless `overwrite`) and the tokenizer.
 
+  The tokenizer is (re)trained on the image datasets' captions when one of them was built, or when
+  it is missing or unreadable while one of them is prepared.
+
   Returns:
     The resolved data directory.
 
@@ -98,7 +119,10 @@ def prepare(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None
   if unknown:
     raise ValueError(f"Unknown dataset(s) {unknown}; known: {', '.join(sources.DATASETS)}")
   data_dir = paths.resolve_data_dir(data_dir)
-  built = [prepare_dataset(name, data_dir, overwrite=overwrite) for name in names]
-  if any(built) or not _tokenizer_ok(data_dir):
+  built = {name: prepare_dataset(name, data_dir, overwrite=overwrite) for name in names}
+  # The tokenizer is trained on image captions only: text corpora alone neither need nor change it.
+  has_captions = any(sources.is_prepared(n, data_dir) for n in sources.IMAGE_DATASETS)
+  built_captions = any(built[n] for n in built if n in sources.IMAGE_DATASETS)
+  if has_captions and (built_captions or not _tokenizer_ok(data_dir)):
     build_tokenizer(data_dir, vocab_size)
   return data_dir

@@ -1,12 +1,19 @@
 r"""Builds the datasets (TFDS, array_record) and the text tokenizer into the data directory.
 
 Usage:
-  python -m big_embed.data.prepare emoji fashion_mnist [--data_dir DIR] [--overwrite]
+  python -m big_embed.data.prepare [NAME ...] [--data_dir DIR] [--overwrite]
+
+Names: the image datasets `emoji` and `fashion_mnist`; the text corpora `bible`, `wordnet`,
+`debian_packages`, `fortunes`, `foldoc` (train/test) and the similarity sets `lee50`, `wordsim353`,
+`simlex999` (test only); docs/datasets.md describes each one and its licence.
 
 With no names, builds every dataset. A finished dataset is skipped unless --overwrite. Raw sources
-come from Debian packages, installed with apt-get when running as root. The tokenizer
-(`<data_dir>/tokenizer.json`) is retrained on every caption the training pipeline can produce
-whenever a dataset is built, or when it is missing or unreadable.
+come from Debian packages, installed with apt-get when running as root; `debian_packages` reads the
+apt lists (fetching the English descriptions with `apt-get update -o Acquire::Languages=en` when
+root and they are missing), and the similarity sets come from the test data of the gensim wheel,
+fetched with `pip download`. Text corpora print how many empty or non-UTF-8 source records they
+skipped. The tokenizer (`<data_dir>/tokenizer.json`) is retrained on every caption the training
+pipeline can produce whenever an image dataset is built, or when it is missing or unreadable.
 """
 
 from __future__ import annotations

@@ -13,13 +13,26 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from big_embed.data import emoji, fashion_mnist, paths
+from big_embed.data import (bible, debian_packages, emoji, fashion_mnist, foldoc, fortunes, paths,
+                            similarity_sets, wordnet)
 from big_embed.data.errors import DataError, prepare_command
 
-DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+IMAGE_DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "emoji": emoji.EmojiBuilder,
     "fashion_mnist": fashion_mnist.FashionMnistBuilder,
 }
+# Text corpora (schemas in each module's docstring and docs/datasets.md).
+TEXT_DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "bible": bible.BibleBuilder,
+    "wordnet": wordnet.WordNetBuilder,
+    "debian_packages": debian_packages.DebianPackagesBuilder,
+    "fortunes": fortunes.FortunesBuilder,
+    "foldoc": foldoc.FoldocBuilder,
+    "lee50": similarity_sets.Lee50Builder,
+    "wordsim353": similarity_sets.WordSim353Builder,
+    "simlex999": similarity_sets.SimLex999Builder,
+}
+DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {**IMAGE_DATASETS, **TEXT_DATASETS}
 FILE_FORMAT = "array_record"  # the only TFDS format Grain reads without TensorFlow
 
 
@@ -30,7 +43,7 @@ def _builder_cls(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
 
 
 def make_builder(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.core.DatasetBuilder:
-  """Returns the TFDS builder of dataset `name` ("emoji" or "fashion_mnist") in `data_dir`."""
+  """Returns the TFDS builder of dataset `name` (a key of `DATASETS`) in `data_dir`."""
   return _builder_cls(name)(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
 
 
@@ -79,22 +92,38 @@ class CheckedSource:
     return f"CheckedSource({self._name}, split={self._split!r}, n={len(self)})"
 
 
+def build_command(name: str, data_dir: str | os.PathLike[str] | None) -> str:
+  """The `prepare` command that builds dataset `name` (the image datasets are built together)."""
+  return prepare_command(data_dir) if name in IMAGE_DATASETS else prepare_command(data_dir, (name,))
+
+
 def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -> CheckedSource:
   """Opens split `split` of prepared dataset `name` for random access.
 
   Raises:
-    DataError: the dataset is not prepared in `data_dir`, or its files cannot be opened; the
-      message names the dataset, the directory and the `prepare` command.
+    DataError: the dataset is not prepared in `data_dir`, has no such split, or its files cannot
+      be opened; the message names the dataset, the directory and the `prepare` command.
   """
   resolved = str(paths.resolve_data_dir(data_dir))
   directory = dataset_dir(name, resolved)
   if not is_prepared(name, resolved):
     raise DataError(f"Dataset {name!r} is not prepared in {resolved} (no {directory}). "
-                    f"Build it with: {prepare_command(resolved)}")
+                    f"Build it with: {build_command(name, resolved)}")
+
+  def cannot_open(e: Exception) -> DataError:
+    return DataError(f"Cannot open split {split!r} of dataset {name!r} in {directory} "
+                     f"({type(e).__name__}: {e}). Rebuild it with: "
+                     f"{prepare_command(resolved, (name,), overwrite=True)}")
+
   try:
-    source = make_builder(name, resolved).as_data_source(split)
+    builder = make_builder(name, resolved)
+    splits = list(builder.info.splits.keys())
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"Cannot open split {split!r} of dataset {name!r} in {directory} "
-                    f"({type(e).__name__}: {e}). Rebuild it with: "
-                    f"{prepare_command(resolved, (name,), overwrite=True)}") from e
+    raise cannot_open(e) from e
+  if splits and split.split("[", 1)[0] not in splits:
+    raise DataError(f"Dataset {name!r} has no split {split!r}; its splits: {', '.join(splits)}")
+  try:
+    source = builder.as_data_source(split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise cannot_open(e) from e
   return CheckedSource(source, name, split, directory, resolved)

@@ -1,7 +1,9 @@
-"""A small text tokenizer (lower-casing WordPiece) with fixed-length int32 batch encoding.
+"""Text tokenizers with fixed-length int32 batch encoding: the project's own small WordPiece, or a pretrained one.
 
-Id 0 is `[PAD]`, id 1 is `[UNK]`. No special tokens are added around a text: the text tower pools
-over the non-pad positions (`tokens != 0`).
+Id 0 is always `[PAD]`; the text towers attend to / pool over the non-pad positions (`tokens != 0`).
+The project's own tokenizer (`train_tokenizer`; `[UNK]` = id 1) has no post-processor, so no special tokens are
+added around a text. A pretrained tokenizer.json (e.g. BERT's) keeps its post-processor: texts are encoded as
+`[CLS] ... [SEP]`, truncated like Hugging Face does (the special tokens are kept, the text is cut).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Tokenizer:
     tokenizer.no_truncation()
     self._tok = tokenizer
     self.unk_id: int = tokenizer.token_to_id(UNK)
+    # Special tokens the post-processor adds to one text (0 without a post-processor, e.g. `train_tokenizer`'s).
+    self._num_special: int = tokenizer.num_special_tokens_to_add(is_pair=False)
 
   @classmethod
   def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -54,14 +58,25 @@ class Tokenizer:
     return self._tok.get_vocab_size()
 
   def encode_batch(self, texts: list[str], max_len: int) -> np.ndarray:
-    """Encodes texts as int32 [n, max_len]: truncated, right-padded with 0.
+    """Encodes texts as int32 [n, max_len]: special tokens added, truncated, right-padded with 0.
 
-    Every non-empty text gives at least one non-pad token (`[UNK]` if nothing else).
+    Truncation cuts the text's own tokens on the right so that the tokenizer's special tokens (e.g. BERT's
+    [CLS] and [SEP]) always fit, exactly as `tokenizers` truncation at `max_len` does. Every non-empty text
+    gives at least one non-pad token (`[UNK]` if nothing else).
     """
+    budget = max_len - self._num_special
+    if budget < 0 or max_len < 1:
+      raise ValueError(f"max_len={max_len} is too short: the tokenizer adds {self._num_special} special tokens "
+                       "to every text; use a larger maximum text length")
     out = np.zeros((len(texts), max_len), np.int32)  # [n, max_len]
     encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
     for row, (text, enc) in enumerate(zip(texts, encodings)):
-      ids = enc.ids[:max_len]
+      if self._num_special:
+        if len(enc.ids) > budget:
+          enc.truncate(budget)
+        ids = self._tok.post_process(enc, add_special_tokens=True).ids
+      else:
+        ids = enc.ids[:max_len]
       if not ids and text:
         ids = [self.unk_id]
       out[row, :len(ids)] = ids

@@ -46,3 +46,40 @@ class Encoder:
 
   def texts(self, params, tokens: np.ndarray, desc: str | None = None) -> np.ndarray:
     return self._run(self._text, params, tokens, desc)
+
+
+class TextEncoding:
+  """`(params, texts, role, desc=None) -> float32 [N, D]`: prefix, tokenize, embed in length buckets.
+
+  `role` is "query" or "doc" and picks the prefix (e.g. "query: "). Texts are sorted by token count and each batch
+  is cut to its longest row, rounded up to a multiple of `bucket` tokens, so short texts (single words) do not pay
+  for the longest document's length; the outputs come back in input order.
+  """
+
+  def __init__(self, encoder: Encoder, tokenizer, max_len: int, query_prefix: str = "", doc_prefix: str = "",
+               bucket: int = 16):
+    self.encoder, self.tokenizer, self.max_len, self.bucket = encoder, tokenizer, max_len, bucket
+    self.prefixes = {"query": query_prefix, "doc": doc_prefix}
+
+  def __call__(self, params, texts, role: str = "doc", desc: str | None = None) -> np.ndarray:
+    if role not in self.prefixes:
+      raise ValueError(f"role must be 'query' or 'doc', got {role!r}")
+    prefix = self.prefixes[role]
+    tokens = self.tokenizer.encode_batch([prefix + t for t in texts], self.max_len)  # [N, L]
+    if not len(tokens):
+      raise ValueError("no texts to encode")
+    lengths = (tokens != 0).sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")  # longest first: the first compile is the largest shape
+    b = self.encoder.batch_size
+    out = None
+    starts = range(0, len(order), b)
+    if desc and jax.process_index() == 0:
+      starts = tqdm.tqdm(starts, desc=desc, leave=False)
+    for start in starts:
+      rows = order[start:start + b]
+      width = int(min(self.max_len, max(self.bucket, -(-int(lengths[rows].max()) // self.bucket) * self.bucket)))
+      emb = self.encoder.texts(params, tokens[rows, :width])
+      if out is None:
+        out = np.zeros((len(tokens), emb.shape[1]), np.float32)
+      out[rows] = emb
+    return out

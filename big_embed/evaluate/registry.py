@@ -22,8 +22,11 @@ class EvalContext:
   encoder: Encoder
   tokenizer: Any  # big_embed.data.tokenizer.Tokenizer
   data_dir: str
-  image_size: int
+  image_size: int  # 0 for text-only models
   max_text_len: int
+  # (params, texts: list[str], role: "query" | "doc", desc=None) -> float32 [N, D]: prefixes, tokenization,
+  # length-bucketed batches (big_embed.evaluate.encode.TextEncoding).
+  encode_texts: Callable[..., Any] | None = None
 
 
 _TYPES: dict[str, Callable[..., Any]] = {}

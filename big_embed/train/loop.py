@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,12 +21,13 @@ from big_embed import checkpoint as ckpt_lib
 from big_embed import evaluate
 from big_embed import losses
 from big_embed import metrics as metrics_lib
+from big_embed import models
 from big_embed.data import paths as data_paths
 from big_embed.data import pipeline
+from big_embed.data import text_pipeline
 from big_embed.data import tokenizer as tokenizer_lib
 from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError, TrainingError
-from big_embed.models import two_tower
 from big_embed.parallel import mesh as mesh_lib
 from big_embed.train import optimizer as optimizer_lib
 from big_embed.train import state as state_lib
@@ -84,16 +86,26 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
   try:
     losses.get(config.loss.name).validate(config.loss)
+    models.model_type(config.model)
   except ValueError as err:
     raise ConfigError(str(err)) from err
+  if config.data.get("tasks"):
+    text_pipeline.validate_tasks(config.data, t.batch_size, shards, jax.process_count(), config.loss)
 
 
-def _load_tokenizer(workdir: pathlib.Path, data_dir: pathlib.Path) -> Tokenizer:
-  """The run's own copy (so a resumed run keeps its vocabulary); else the one prepared with the data."""
+def _load_tokenizer(workdir: pathlib.Path, data_dir: pathlib.Path, model_config) -> Tokenizer:
+  """The run's own copy (so a resumed run keeps its vocabulary); else, for a text model, its pretrained
+  tokenizer (`config.model.tokenizer`, else `config.model.pretrained`, else MiniLM's); else the one prepared
+  with the data."""
   own = workdir / TOKENIZER_FILE
   if own.exists():
     return Tokenizer.from_file(str(own))
-  tok = tokenizer_lib.load_tokenizer(data_dir)
+  if models.model_type(model_config) == "text":
+    from big_embed.models import pretrained  # pylint: disable=g-import-not-at-top
+    source = model_config.get("tokenizer", "") or model_config.get("pretrained", "") or "minilm"
+    tok = pretrained.load_tokenizer(pretrained.resolve_pretrained(source))
+  else:
+    tok = tokenizer_lib.load_tokenizer(data_dir)
   if jax.process_index() == 0:  # atomically: other processes may be looking for it
     tmp = own.with_suffix(".tmp")
     tmp.write_text(tok.to_str(), encoding="utf-8")
@@ -106,8 +118,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   validate_config(config, mesh)
   data_dir = data_paths.resolve_data_dir(config.data.data_dir or None)
-  tokenizer = _load_tokenizer(workdir_path, data_dir)
-  model = two_tower.build_model(config.model, tokenizer.vocab_size)
+  tokenizer = _load_tokenizer(workdir_path, data_dir, config.model)
+  model = models.build_model(config.model, tokenizer.vocab_size)
   loss_spec = losses.get(config.loss.name)
   tx = optimizer_lib.make_optimizer(config.train)
   init_fn = state_lib.init_fn_from_config(config, model)
@@ -118,11 +130,44 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
 
 
 def build_evaluators(exp: Experiment) -> dict[str, Any]:
+  m = exp.config.model
+  encoder = evaluate.encode.Encoder(exp.model, exp.mesh, exp.config.eval_batch_size)
   ctx = evaluate.EvalContext(
-      encoder=evaluate.encode.Encoder(exp.model, exp.mesh, exp.config.eval_batch_size),
-      tokenizer=exp.tokenizer, data_dir=str(exp.data_dir), image_size=exp.config.model.image_size,
-      max_text_len=exp.config.model.max_text_len)
+      encoder=encoder, tokenizer=exp.tokenizer, data_dir=str(exp.data_dir), image_size=m.get("image_size", 0),
+      max_text_len=m.max_text_len,
+      encode_texts=evaluate.encode.TextEncoding(encoder, exp.tokenizer, m.max_text_len,
+                                                m.get("query_prefix", ""), m.get("doc_prefix", "")))
   return evaluate.build_evaluators(exp.config.evals, ctx)
+
+
+def initial_state(exp: Experiment):
+  """A fresh sharded state; a text model with `config.model.pretrained` starts from those weights."""
+  state = state_lib.create_sharded_state(exp.init_fn, exp.state_shardings)
+  m = exp.config.model
+  if models.model_type(m) != "text" or not m.get("pretrained"):
+    return state
+  from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
+  shardings = exp.state_shardings.params["model"]
+  init = jax.tree.map(lambda x: x, jax.device_get(state.params["model"]))
+  merged = text_embedder.merge_pretrained(init, text_embedder.pretrained_model_params(m))
+  params = jax.tree.map(
+      lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]), merged, shardings)
+  return state.replace(params={**state.params, "model": params})
+
+
+def make_train_stream(config: ml_collections.ConfigDict, tokenizer: Tokenizer, seed: int):
+  """The process-local training stream: text tasks (`config.data.tasks`) or the image-text mixture."""
+  cfg = config.train
+  if config.data.get("tasks"):
+    m = config.model
+    return text_pipeline.make_text_train_dataset(
+        config.data, tokenizer, default_batch_size=cfg.batch_size, max_text_len=m.max_text_len,
+        query_prefix=m.get("query_prefix", ""), doc_prefix=m.get("doc_prefix", ""), seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.make_train_dataset(
+      config.data, tokenizer, batch_size=cfg.batch_size // jax.process_count(),
+      image_size=config.model.image_size, seed=seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
 
 def _write_results(exp: Experiment, step: int, results: dict) -> pathlib.Path:
@@ -182,14 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Otherwise the shards differ; the stream restarts with a seed that depends on the step.
   exact_data = start is None or ckpt.restore_meta(start).get("process_count", 1) == jax.process_count()
   data_seed = config.seed if exact_data else config.seed + start
-  dataset = pipeline.make_train_dataset(
-      config.data, exp.tokenizer, batch_size=cfg.batch_size // jax.process_count(),
-      image_size=config.model.image_size, seed=data_seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  data_iter = iter(dataset)
+  data_iter = iter(make_train_stream(config, exp.tokenizer, data_seed))
 
   if start is None:
-    state = state_lib.create_sharded_state(exp.init_fn, exp.state_shardings)
+    state = initial_state(exp)
     start = 0
   else:
     abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
@@ -208,15 +249,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("teacher") and config.teacher.workdir:
     teacher = teacher_lib.load_teacher(config.teacher, exp.mesh, exp.tokenizer)
     print(f"Teacher: {config.teacher.workdir} (step {teacher.step})", flush=True)
-  train_step = jax.jit(
-      step_lib.make_train_step(
-          exp.model, exp.loss_spec.build(config.loss, exp.mesh),
-          lambda p: exp.loss_spec.clamp_params(config.loss, p), exp.tx,
-          optimizer_lib.learning_rate_schedule(cfg), teacher),
-      in_shardings=(exp.state_shardings, batch_sharding,
-                    jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None),
-      out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
-      donate_argnums=(0,))
+  step_fn = step_lib.make_train_step(
+      exp.model, exp.loss_spec.build(config.loss, exp.mesh),
+      lambda p: exp.loss_spec.clamp_params(config.loss, p), exp.tx,
+      optimizer_lib.learning_rate_schedule(cfg), teacher)
+  compiled_steps: dict = {}
+
+  def train_step(state, batch, teacher_params, task):
+    """One jitted step per task type (the hybrid loss picks its branch from the static task)."""
+    if task not in compiled_steps:
+      compiled_steps[task] = jax.jit(
+          functools.partial(step_fn, task=task),
+          in_shardings=(exp.state_shardings, batch_sharding,
+                        jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None),
+          out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
+          donate_argnums=(0,))
+    return compiled_steps[task](state, batch, teacher_params)
   teacher_params = teacher.params if teacher else None
   evaluators = build_evaluators(exp)
   writer = metrics_lib.MetricWriter(exp.workdir)
@@ -237,11 +285,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start
   pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
-  t_last, step_last = time.perf_counter(), start
+  t_last, samples = time.perf_counter(), 0
   try:
     while step < cfg.steps:
-      batch = assemble(next(data_iter))
-      state, metrics = train_step(state, batch, teacher_params)
+      task, local = _split_task(config, next(data_iter))
+      samples += next(iter(local.values())).shape[0] * jax.process_count()
+      state, metrics = train_step(state, assemble(local), teacher_params, task)
       step += 1
       pbar.update(1)
       is_last = step == cfg.steps
@@ -251,15 +300,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics = jax.device_get(metrics)
         check_finite(step, metrics)
         now = time.perf_counter()
-        rate = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
+        rate = samples / max(now - t_last, 1e-9)
+        t_last, samples = now, 0
         writer.write(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/samples_per_sec": rate})
         pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", samples_per_s=f"{rate:.0f}")
       if step % cfg.eval_every == 0 or is_last:
         results = evaluate.run_evaluators(evaluators, state.params["model"])
         writer.write(step, metrics_lib.flatten(results, "eval"))
         _write_results(exp, step, results)
-        t_last = time.perf_counter()
+        t_last, samples = time.perf_counter(), 0
       if save_now:
         ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
       if stopping and not is_last:
@@ -283,14 +332,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def _split_task(config: ml_collections.ConfigDict, item) -> tuple[str | None, dict]:
+  """A text stream yields (task name, batch) -> (task type, batch); the image-text stream yields batches."""
+  if isinstance(item, tuple):
+    name, batch = item
+    return str(config.data.tasks[name].type), batch
+  return None, item
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`--mode eval`: evaluates the newest checkpoint in `workdir` and writes eval_results.json."""
+  """`--mode eval`: evaluates the newest checkpoint in `workdir` and writes eval_results.json.
+
+  With no checkpoint, a text model with `config.model.pretrained` is evaluated as loaded (step 0).
+  """
   exp = build_experiment(config, workdir)
   step = exp.checkpointer.latest_step()
-  if step is None:
+  if step is None and models.model_type(config.model) == "text" and config.model.get("pretrained"):
+    print(f"No checkpoint in {exp.checkpointer.directory}: evaluating the pretrained model "
+          f"{config.model.pretrained!r} as loaded", flush=True)
+    state, step = initial_state(exp), 0
+  elif step is None:
     raise ConfigError(f"no checkpoint in {exp.checkpointer.directory}; train first with --mode train")
-  abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-  state, _ = exp.checkpointer.restore(step, abstract)
+  else:
+    abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    state, _ = exp.checkpointer.restore(step, abstract)
   results = evaluate.run_evaluators(build_evaluators(exp), state.params["model"])
   path = _write_results(exp, step, results)
   exp.checkpointer.close()

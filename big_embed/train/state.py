@@ -38,10 +38,10 @@ def make_init_fn(model: nn.Module, example_batch: dict, loss_init: Callable[[], 
 def init_fn_from_config(config, model: nn.Module):
   """`make_init_fn` for a run's config: its loss params, its optimizer, its seed."""
   from big_embed import losses  # pylint: disable=g-import-not-at-top
-  from big_embed.models import two_tower  # pylint: disable=g-import-not-at-top
+  from big_embed import models  # pylint: disable=g-import-not-at-top
   from big_embed.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   spec = losses.get(config.loss.name)
-  example = two_tower.example_batch(config.model.image_size, config.model.max_text_len)
+  example = models.example_batch(config.model)
   return make_init_fn(model, example, lambda: spec.init_params(config.loss),
                       optimizer_lib.make_optimizer(config.train), config.seed)
 

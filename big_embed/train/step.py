@@ -14,14 +14,16 @@ from big_embed.train.state import TrainState
 
 def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Callable,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule, teacher=None):
-  """Returns train_step(state, batch, teacher_params=None) -> (new_state, metrics).
+  """Returns train_step(state, batch, teacher_params=None, task=None) -> (new_state, metrics).
 
   Towers embed the global batch (sharded over the batch axes) -> the loss reads every device's rows against
   every device's columns -> grads -> AdamW -> loss params clamped (e.g. CLIP temperature) after the update.
   With a `teacher` (train/teacher.py), its frozen embeddings of the batch are added to the batch first.
   """
 
-  def train_step(state: TrainState, batch: dict, teacher_params=None):
+  def train_step(state: TrainState, batch: dict, teacher_params=None, task: str | None = None):
+    if task is not None:  # static: text batches of one task type (the hybrid loss reads it)
+      batch = {**batch, "task": task}
     if teacher is not None:
       batch = teacher.annotate(teacher_params, batch)
     dropout_rng = jax.random.fold_in(state.rng, state.step)

@@ -18,7 +18,8 @@ import ml_collections
 from big_embed import checkpoint as ckpt_lib
 from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError
-from big_embed.models import two_tower
+from big_embed import models
+from big_embed.models import text_embedder
 from big_embed.train import state as state_lib
 
 
@@ -51,10 +52,12 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh, tokenizer: Tokenizer) -> 
     raise ConfigError(f"the teacher in {workdir} was trained with a different tokenizer; train teacher and "
                       "student on the same prepared data (config.data.data_dir)")
   tcfg = ml_collections.ConfigDict(checkpointer.restore_meta(step)["config"])
-  model = two_tower.build_model(tcfg.model, tokenizer.vocab_size)
-  unknown = set(cfg.outputs) - {"image", "text"}
+  model = models.build_model(tcfg.model, tokenizer.vocab_size)
+  towers = {"image", "text"} if models.model_type(tcfg.model) == "two_tower" else set(text_embedder.TEXT_INPUTS)
+  unknown = set(cfg.outputs) - towers
   if unknown:
-    raise ConfigError(f"config.teacher.outputs names unknown teacher towers {sorted(unknown)}; use image/text")
+    raise ConfigError(f"config.teacher.outputs names unknown teacher outputs {sorted(unknown)}; "
+                      f"use some of {sorted(towers)}")
   abstract, shardings = state_lib.state_shardings(state_lib.init_fn_from_config(tcfg, model), mesh)
   state, _ = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
   checkpointer.close()

