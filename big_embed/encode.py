@@ -138,6 +138,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from big_embed.errors import UserError  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)
   try:
     encoder = load(f.model)
     path = pathlib.Path(f.input)

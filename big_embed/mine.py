@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose task is mined.", lock_config=True)
@@ -170,6 +170,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top
   from big_embed.errors import UserError  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)  # TFDS is chatty at INFO
   try:
     mine(_CONFIG.value, _TASK.value, _MODEL.value, _NAME.value, top_k=_TOP_K.value,
          num_negatives=_NUM_NEGATIVES.value, margin_abs=_MARGIN_ABS.value, margin_rel=_MARGIN_REL.value,
