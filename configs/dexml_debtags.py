@@ -41,11 +41,6 @@ def get_config(arg=None):
 
 
 def _make_tiny(c):
-  c.model.pretrained = ""
-  c.model.num_layers = 1
-  c.model.bert.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))
-  c.model.max_text_len = 16
-  c.train.update(dict(batch_size=16, steps=4, warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2))
-  c.eval_batch_size = 64
+  config_utils.make_tiny_text(c, steps=4)
   c.evals.debtags.max_queries = 64
   c.evals.sections.update(dict(max_train=200, max_test=100))

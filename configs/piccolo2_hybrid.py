@@ -61,17 +61,12 @@ def get_config(arg=None):
 
 def _make_tiny(c):
   """A random-init 1-layer tower (MiniLM's tokenizer), a few steps of every task, small evals."""
-  c.model.pretrained = ""
-  c.model.num_layers = 1
-  c.model.bert.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))
-  c.model.max_text_len = 16
+  config_utils.make_tiny_text(c, steps=8)
   c.loss.mrl_dims = (16, 32)
-  c.train.update(dict(batch_size=16, steps=8, warmup_steps=1, log_every=4, eval_every=8, checkpoint_every=4))
   c.data.tasks.fortunes.batch_size = 8
   c.data.tasks.lexnames.batch_size = 8
   c.data.tasks.fortunes.num_negatives = 3
   c.data.tasks.lexnames.num_negatives = 3
-  c.eval_batch_size = 64
   for name in ("bible", "wordnet", "foldoc", "debian"):
     c.evals[name].update(dict(max_queries=32, max_docs=128, dims=(16, 32)))
   for name in ("fortunes", "lexnames"):

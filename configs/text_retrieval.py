@@ -40,11 +40,6 @@ def get_config(arg=None):
 
 def _make_tiny(c):
   """A random-init 1-layer tower (MiniLM's tokenizer), no hard negatives, a few steps, small evals."""
-  c.model.pretrained = ""
-  c.model.num_layers = 1
-  c.model.bert.update(dict(hidden_size=32, num_heads=2, intermediate_size=64))
-  c.model.max_text_len = 16
+  config_utils.make_tiny_text(c, steps=4)
   c.data.tasks.bible.update(dict(num_negatives=0, mined=""))
-  c.train.update(dict(batch_size=16, steps=4, warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2))
-  c.eval_batch_size = 64
   c.evals.bible.update(dict(max_queries=64, max_docs=256))

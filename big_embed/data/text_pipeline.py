@@ -485,6 +485,10 @@ def _load_mined_for(spec: TaskSpec, data_dir: str | None, num_records: int) -> M
       fewer than num_negatives negatives per query ("re-mine with ...").
   """
   directory = mined_dir(data_dir, spec.mined)
+  if not (directory / "meta.json").is_file():
+    raise DataError(f"No mined hard-negative set {spec.mined!r} in {directory.parent}; mine it first: python -m "
+                    f"big_embed.mine --config <this recipe> --task {spec.name} --name {spec.mined} (or set "
+                    f"config.data.tasks.{spec.name}.num_negatives=0 and mined='')")
   mined = read_mined_negatives(directory)
   info = mined.info
   want = {"source_dataset": spec.dataset, "split": spec.split, "query_field": spec.fields["query"],
