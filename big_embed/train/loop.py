@@ -148,7 +148,7 @@ def initial_state(exp: Experiment):
     return state
   from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
   shardings = exp.state_shardings.params["model"]
-  init = jax.tree.map(lambda x: x, jax.device_get(state.params["model"]))
+  init = jax.device_get(state.params["model"])  # numpy; merged leaves are then placed shard by shard
   merged = text_embedder.merge_pretrained(init, text_embedder.pretrained_model_params(m))
   params = jax.tree.map(
       lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]), merged, shardings)
