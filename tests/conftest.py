@@ -13,7 +13,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import hypothesis  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Property tests draw the same examples on every run, so a CI result is reproducible.
+hypothesis.settings.register_profile("big_embed", derandomize=True)
+hypothesis.settings.load_profile("big_embed")
 
 
 @pytest.fixture(scope="session")

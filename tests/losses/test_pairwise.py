@@ -66,16 +66,20 @@ def test_matches_double_loop(n_dev):
   assert metrics["ranked_pairs"] == sum(y[i] < y[j] for i in range(16) for j in range(16))
 
 
-@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
 @hypothesis.given(b=st.integers(1, 6), d=st.integers(1, 4), levels=st.integers(1, 4),
                   scale=st.sampled_from([1.0, 20.0]), seed=st.integers(0, 2**16))
+@hypothesis.example(b=3, d=1, levels=2, scale=1.0, seed=109)  # a short 1-d row: float32 noise / |x| ~ 6e-5
 def test_property_matches_double_loop(b, d, levels, scale, seed):
   a, p, y = _inputs(seed, b, d, levels)
   loss_fn = lambda a, p, y: pairwise.cosent_loss(a, p, y, scale)[0]
   loss, (ga, gp) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(a, p, y)
   np.testing.assert_allclose(loss, naive_cosent_np(a, p, y, scale), **TOL)
-  np.testing.assert_allclose(ga, util.fd_grad(lambda x: naive_cosent_np(x, p, y, scale), a), **TOL)
-  np.testing.assert_allclose(gp, util.fd_grad(lambda x: naive_cosent_np(a, x, y, scale), p), **TOL)
+  # The gradient of a cosine w.r.t. x scales as 1/|x|, and so does float32 rounding in it: widen atol by that.
+  shortest = min(np.linalg.norm(a, axis=1).min(), np.linalg.norm(p, axis=1).min(), 1.0)
+  gtol = dict(rtol=TOL["rtol"], atol=TOL["atol"] / shortest)
+  np.testing.assert_allclose(ga, util.fd_grad(lambda x: naive_cosent_np(x, p, y, scale), a), **gtol)
+  np.testing.assert_allclose(gp, util.fd_grad(lambda x: naive_cosent_np(a, x, y, scale), p), **gtol)
   assert loss >= 0 and np.isfinite(loss)
 
 
