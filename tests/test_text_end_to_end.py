@@ -159,3 +159,18 @@ def test_model_type_dispatch():
   cfg.model.type = "three_tower"
   with pytest.raises(ValueError, match="three_tower"):
     models.model_type(cfg.model)
+
+
+@needs_minilm
+def test_two_tower_text_side_starts_from_minilm(data_dir, tmp_path):
+  """configs/clip_minilm_text.py: the text tower's BERT params are MiniLM's first layer at step 0, the run uses
+  MiniLM's tokenizer, and the image side is freshly initialised."""
+  from big_embed.models import pretrained  # pylint: disable=g-import-not-at-top
+  cfg = tiny.tiny_config(data_dir, steps=2, name="clip_minilm_text")
+  exp = loop.build_experiment(cfg, str(tmp_path))
+  path = pretrained.resolve_pretrained("minilm")
+  assert exp.tokenizer == pretrained.load_tokenizer(path)
+  params = jax.device_get(loop.initial_state(exp).params["model"])
+  want = pretrained.load_bert_params(path, num_layers=1)
+  jax.tree.map(np.testing.assert_array_equal, params["text_tower"]["bert"], want)
+  assert "image_tower" in params and "text_proj" in params

@@ -34,3 +34,23 @@ def example_batch(model_config: ml_collections.ConfigDict) -> dict:
     return text_embedder.example_batch(model_config.max_text_len)
   from big_embed.models import two_tower  # pylint: disable=g-import-not-at-top
   return two_tower.example_batch(model_config.image_size, model_config.max_text_len)
+
+
+def pretrained_source(model_config: ml_collections.ConfigDict) -> str:
+  """The pretrained checkpoint a model starts from ("" = none): a text model's `pretrained`, or a two-tower
+  model's `text_pretrained` (its text side)."""
+  if model_type(model_config) == "text":
+    return model_config.get("pretrained", "")
+  return model_config.get("text_pretrained", "")
+
+
+def pretrained_params(model_config: ml_collections.ConfigDict) -> dict | None:
+  """The checkpoint's part of the model's params (float32 NumPy, at the level of the "params" collection), for
+  `text_embedder.merge_pretrained` into freshly initialised params; None without a pretrained checkpoint."""
+  if not pretrained_source(model_config):
+    return None
+  from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
+  if model_type(model_config) == "text":
+    return text_embedder.pretrained_model_params(model_config)
+  from big_embed.models import two_tower  # pylint: disable=g-import-not-at-top
+  return {"text_tower": text_embedder.pretrained_model_params(two_tower.pretrained_text_config(model_config))}

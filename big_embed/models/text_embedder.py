@@ -127,6 +127,10 @@ class TextEmbedder(nn.Module):
                                                                           ("embed", None)))
 
   def encode_text(self, tokens, deterministic: bool = True):  # int32 [B, L] -> float32 [B, D]
+    return l2_normalize(self.features(tokens, deterministic))
+
+  def features(self, tokens, deterministic: bool = True):  # int32 [B, L] -> float32 [B, D], not normalised
+    """Pooled (and scaled / projected) features; a two-tower model projects these for its text side."""
     hidden = self.bert(tokens, deterministic=deterministic)  # [B, L, H]
     if self.config.get("pooling", "mean") == "cls":
       pooled = hidden[:, 0].astype(jnp.float32)  # [B, H]
@@ -137,7 +141,7 @@ class TextEmbedder(nn.Module):
       pooled = self.scaling(pooled)
     if self.config.get("embed_dim", 0):
       pooled = self.projection(pooled)
-    return l2_normalize(pooled)
+    return pooled
 
   def __call__(self, batch, deterministic: bool | None = None):
     """Embeds each present entry of ("query", "key", "hard_negatives", "label") with the shared tower.

@@ -25,8 +25,12 @@ class TwoTower(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     self.image_tower = vit_lib.ViT(image_size=c.image_size, patch_size=c.patch_size, dtype=dtype, **c.vision)
-    self.text_tower = text_lib.TextTransformer(vocab_size=self.vocab_size, max_len=c.max_text_len, dtype=dtype,
-                                               **c.text)
+    if c.get("text_pretrained", ""):  # a pretrained BERT (mean-pooled) as the text side
+      from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
+      self.text_tower = text_embedder.build_text_model(pretrained_text_config(c), self.vocab_size)
+    else:
+      self.text_tower = text_lib.TextTransformer(vocab_size=self.vocab_size, max_len=c.max_text_len, dtype=dtype,
+                                                 **c.text)
     proj = lambda name: nn.Dense(
         c.embed_dim, use_bias=False, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)))
@@ -37,10 +41,25 @@ class TwoTower(nn.Module):
     return l2_normalize(self.image_proj(self.image_tower(images)))
 
   def encode_text(self, tokens):  # int32 [B, L] -> [B, E]
+    if self.config.get("text_pretrained", ""):
+      return l2_normalize(self.text_proj(self.text_tower.features(tokens)))
     return l2_normalize(self.text_proj(self.text_tower(tokens)))
 
   def __call__(self, batch):
     return {"image": self.encode_image(batch["image"]), "text": self.encode_text(batch["text"])}
+
+
+def pretrained_text_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The text side as a text model config, when `config.model.text_pretrained` names a BERT checkpoint ("minilm"
+  or a Hugging Face directory; `text_pretrained_layers` > 0 keeps its first layers). The run then uses that
+  checkpoint's tokenizer; `config.model.text` sizes are ignored."""
+  from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
+  t = text_embedder.default_text_model_config()
+  t.pretrained = model_config.text_pretrained
+  t.num_layers = int(model_config.get("text_pretrained_layers", 0))
+  t.max_text_len = model_config.max_text_len
+  t.dtype = model_config.dtype
+  return t
 
 
 def example_batch(image_size: int, max_text_len: int) -> dict:

