@@ -133,7 +133,7 @@ def load(model: str | os.PathLike[str], step: int | None = None, mesh=None) -> T
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,unused-import
+  from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top

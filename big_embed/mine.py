@@ -19,6 +19,7 @@ For each query of the task's split (`config.data.tasks[task]`: dataset, split, q
 from __future__ import annotations
 
 import functools
+import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -115,8 +116,7 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   if not model:
     raise ConfigError("pass --model (a run's workdir or 'minilm'): config.model.pretrained is empty")
   data_dir = paths.resolve_data_dir(config.data.get("data_dir") or None)
-  source = sources.open_split(task.dataset, data_dir, task.split)
-  records = source.__getitems__(range(len(source)))
+  records = sources.read_all(task.dataset, data_dir, task.split)
   num_records = len(records)
   if task.max_records:  # the task's subset: its first max_records records
     records = records[:task.max_records]
@@ -145,7 +145,7 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   neg_records[:len(neg)] = np.where(neg >= 0, corpus_records[np.maximum(neg, 0)], -1)
   padded_scores = np.zeros((num_records, num_negatives), np.float32)
   padded_scores[:len(neg)] = neg_scores
-  name = name or f"{task_name}_{pathlib_name(model)}"
+  name = name or f"{task_name}_{pathlib.Path(str(model)).expanduser().name or 'model'}"
   out = text_pipeline.mined_dir(data_dir, name)
   meta = {"command": " ".join(sys.argv), "task": task_name, "model": str(model), "model_step": encoder.step, "top_k": top_k,
           "num_negatives": num_negatives, "margin_abs": margin_abs, "margin_rel": margin_rel,
@@ -158,11 +158,6 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
         f"--config.data.tasks.{task_name}.mined={name} --config.data.tasks.{task_name}.num_negatives="
         f"{num_negatives}", flush=True)
   return str(out)
-
-
-def pathlib_name(model: str) -> str:
-  import pathlib  # pylint: disable=g-import-not-at-top
-  return pathlib.Path(str(model)).expanduser().name or "model"
 
 
 def main(argv: Sequence[str]) -> None:

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from big_embed.data import debian
 from big_embed.data.errors import DataError
-from big_embed.data.text_corpus import SkipCounts, split_by_hash
+from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
 LISTS_DIR = pathlib.Path("/var/lib/apt/lists")
 DEBIAN_PACKAGES: tuple[str, ...] = ()  # `lz4` is installed only when an lz4-compressed list needs it.
@@ -139,10 +139,8 @@ def iter_stanzas(data: bytes, skips: SkipCounts) -> Iterator[dict[str, str]]:
   for block in re.split(rb"\n[ \t]*\n", data):
     if not block.strip():
       continue
-    try:
-      text = block.decode("utf-8")
-    except UnicodeDecodeError:
-      skips.non_utf8 += 1
+    text = decode_utf8(block, skips)
+    if text is None:
       continue
     fields: dict[str, str] = {}
     key = None

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 
 from big_embed.data import debian
 from big_embed.data.errors import DataError
-from big_embed.data.text_corpus import SkipCounts, split_by_hash
+from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
 DEBIAN_PACKAGE = "dict-foldoc"
 DEBIAN_PACKAGES = (DEBIAN_PACKAGE,)
@@ -159,10 +159,8 @@ def read_foldoc(index_path: pathlib.Path, dict_path: pathlib.Path) -> tuple[list
   for (start, length), headwords in sorted(spans.items()):
     if all(h.startswith((b"00-database", b"00database")) for h in headwords):
       continue  # dictd metadata, not an entry.
-    try:
-      text = data[start:start + length].decode("utf-8")
-    except UnicodeDecodeError:
-      skips.non_utf8 += 1
+    text = decode_utf8(data[start:start + length], skips)
+    if text is None:
       continue
     entry = parse_entry(text)
     if not entry.term or not entry.definition:

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 
 from big_embed.data import debian
 from big_embed.data.errors import DataError
-from big_embed.data.text_corpus import SkipCounts, split_by_hash
+from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
 DEBIAN_PACKAGES = ("fortunes", "fortunes-min")
 FORTUNE_DIR = "/usr/share/games/fortunes/"
@@ -61,10 +61,8 @@ def parse_fortune_file(data: bytes, category: str) -> tuple[list[Fortune], SkipC
   if len(groups) > 1 and not b"".join(groups[-1]).strip():
     groups.pop()  # The terminator after the final "%".
   for index, lines in enumerate(groups):
-    try:
-      text = b"\n".join(lines).decode("utf-8")
-    except UnicodeDecodeError:
-      skips.non_utf8 += 1
+    text = decode_utf8(b"\n".join(lines), skips)
+    if text is None:
       continue
     text = text.strip("\r\n").rstrip()
     if not text.strip():

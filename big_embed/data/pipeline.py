@@ -165,11 +165,6 @@ def make_train_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
   return ids
 
 
-def _read_all(name: str, data_dir: str | os.PathLike[str] | None, split: str) -> list[dict]:
-  source = sources.open_split(name, data_dir, split)
-  return source.__getitems__(range(len(source)))
-
-
 def load_zero_shot_set(data_dir: str | os.PathLike[str] | None, *, image_size: int,
                        split: str = "test") -> dict[str, Any]:
   """Fashion-MNIST for zero-shot classification.
@@ -178,7 +173,7 @@ def load_zero_shot_set(data_dir: str | os.PathLike[str] | None, *, image_size: i
     {"images": uint8 [N, S, S, 3], "labels": int32 [N], "class_names": list[str] of natural names
     ("t-shirt", ..., "ankle boot") to fill `PROMPT_TEMPLATES` with}.
   """
-  records = _read_all("fashion_mnist", data_dir, split)
+  records = sources.read_all("fashion_mnist", data_dir, split)
   images = np.stack([r["image"] for r in records])  # [N, 28, 28]
   return {"images": image_ops.batch_to_rgb(images, image_size),
           "labels": np.fromiter((r["label"] for r in records), np.int32, len(records)),
@@ -192,7 +187,7 @@ def load_retrieval_set(data_dir: str | os.PathLike[str] | None, *, image_size: i
   Returns:
     {"images": uint8 [N, S, S, 3], "captions": list[str] (N), "ids": list[str] (N, the emoji)}.
   """
-  records = _read_all("emoji", data_dir, split)
+  records = sources.read_all("emoji", data_dir, split)
   images = np.stack([r["image"] for r in records])  # [N, 64, 64, 3]
   return {"images": image_ops.batch_to_rgb(images, image_size),
           "captions": [_text(r["name"]) for r in records],

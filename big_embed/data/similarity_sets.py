@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from big_embed.data.errors import DataError
-from big_embed.data.text_corpus import SkipCounts
+from big_embed.data.text_corpus import SkipCounts, decode_utf8
 
 GENSIM_VERSION = "4.4.0"
 # The one manylinux CPython 3.11 wheel, whatever the local platform (the test data is the same in all).
@@ -70,10 +70,8 @@ def read_word_pairs(data: bytes, where: str) -> tuple[list[Pair], SkipCounts]:
   for number, raw in enumerate(data.split(b"\n"), start=1):
     if not raw.strip() or raw.lstrip().startswith(b"#"):
       continue
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      skips.non_utf8 += 1
+    line = decode_utf8(raw, skips)
+    if line is None:
       continue
     fields = line.rstrip("\r").split("\t")
     try:

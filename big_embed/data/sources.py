@@ -127,3 +127,21 @@ def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -
   except Exception as e:  # pylint: disable=broad-except
     raise cannot_open(e) from e
   return CheckedSource(source, name, split, directory, resolved)
+
+
+def read_all(name: str, data_dir: str | os.PathLike[str] | None, split: str, chunk: int = 4096
+             ) -> list[dict[str, Any]]:
+  """Every record of split `split` of prepared dataset `name`, in storage order (read `chunk` at a time).
+
+  Raises:
+    DataError: as `open_split`, or a record cannot be read.
+  """
+  source = open_split(name, data_dir, split)
+  n = len(source)
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is None:
+    return [source[i] for i in range(n)]
+  out: list[dict[str, Any]] = []
+  for start in range(0, n, chunk):
+    out.extend(getitems(range(start, min(n, start + chunk))))
+  return out

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 
 from big_embed.data import debian
 from big_embed.data.errors import DataError
-from big_embed.data.text_corpus import SkipCounts, split_by_hash
+from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
 DEBIAN_PACKAGE = "wordnet-base"
 DEBIAN_PACKAGES = (DEBIAN_PACKAGE,)
@@ -138,10 +138,8 @@ def read_wordnet(paths: Sequence[pathlib.Path]) -> tuple[list[Synset], SkipCount
     for number, raw in enumerate(data.splitlines(), start=1):
       if raw.startswith(b"  ") or not raw.strip():
         continue
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError:
-        skips.non_utf8 += 1
+      line = decode_utf8(raw, skips)
+      if line is None:
         continue
       synset_id, lemmas, gloss, lexname = parse_data_line(line, f"{path}:{number}")
       definition, examples = split_gloss(gloss)

@@ -21,7 +21,6 @@ Settings (config.evals.<name>, besides `type`):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -129,18 +128,6 @@ def _fields(s: _Settings, names: tuple[str, ...], defaults: tuple[str, ...],
 # Reading and embedding.
 
 
-def _read_all(name: str, data_dir: str, split: str) -> list[dict[str, Any]]:
-  src = sources.open_split(name, data_dir, split)
-  n = len(src)
-  getitems = getattr(src, "__getitems__", None)
-  if getitems is None:
-    return [src[i] for i in range(n)]
-  out = []
-  for start in range(0, n, 4096):
-    out.extend(getitems(list(range(start, min(n, start + 4096)))))
-  return out
-
-
 def _field(record: dict[str, Any], field: str, dataset: str):
   if field not in record:
     raise ValueError(f"dataset {dataset!r} records have no field {field!r} (fields: {sorted(record)})")
@@ -204,7 +191,7 @@ class STS:
     s = _Settings(settings, "sts", {"dataset": "", "split": "test", "dims": ()})
     self.dataset, self.split, self.dims = s.choice("dataset", STS_DATASETS), s.string("split"), s.dims()
     self.ctx = ctx
-    records = _read_all(self.dataset, ctx.data_dir, self.split)
+    records = sources.read_all(self.dataset, ctx.data_dir, self.split)
     if len(records) < 2:
       raise ValueError(f"sts: {self.dataset}/{self.split} has {len(records)} pairs; need at least 2")
     self.text_a = [text_pipeline.as_text(_field(r, "text_a", self.dataset)) for r in records]
@@ -244,7 +231,7 @@ class TextRetrieval:
     self.msd_mode = s.choice("msd_mode", ("",) + tm.MSD_MODES)
     self.ctx = ctx
     queries, docs = [], []
-    for r in _read_all(self.dataset, ctx.data_dir, self.split):
+    for r in sources.read_all(self.dataset, ctx.data_dir, self.split):
       q, d = text_pipeline.as_text(_field(r, query_field, self.dataset)), text_pipeline.as_text(_field(r, doc_field, self.dataset))
       if q and d:
         queries.append(q)
@@ -330,7 +317,7 @@ class LinearProbe:
 
   def _load(self, split: str, cap: int) -> tuple[list[str], np.ndarray]:
     texts, labels = [], []
-    for r in _read_all(self.dataset, self.ctx.data_dir, split):
+    for r in sources.read_all(self.dataset, self.ctx.data_dir, split):
       t = text_pipeline.as_text(_field(r, self.text_field, self.dataset))
       label = np.asarray(_field(r, self.label_field, self.dataset))
       if label.ndim:
@@ -379,7 +366,7 @@ class MultiLabel:
       raise ValueError(f"multilabel: {self.dataset} field {label_field!r} has {len(names)} labels; p@5 needs 5")
     self.label_texts = [text_pipeline.humanize_label(n) for n in names]  # [L]
     texts, labels = [], []
-    for r in _read_all(self.dataset, ctx.data_dir, split):
+    for r in sources.read_all(self.dataset, ctx.data_dir, split):
       t = text_pipeline.as_text(_field(r, text_field, self.dataset))
       ids = np.asarray(_field(r, label_field, self.dataset), np.int64).reshape(-1)
       if t and len(ids):
