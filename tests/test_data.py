@@ -254,3 +254,18 @@ def test_mismatched_captions_give_matching_scores(data_dir, tok):
   with pytest.raises(ValueError, match="mismatched_fraction"):
     pipeline.make_train_dataset(_config(data_dir, mismatched_fraction=1.5), tok, batch_size=BATCH,
                                 image_size=SIZE, seed=0)
+
+
+def test_removed_but_not_purged_debian_package_counts_as_missing(monkeypatch):
+  """`apt-get remove` keeps a dpkg entry (config files) whose data files are gone: it must be reinstalled."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from big_embed.data import debian  # pylint: disable=g-import-not-at-top
+
+  def fake_run(cmd, **unused):
+    if cmd[0] == "dpkg-query":
+      return subprocess.CompletedProcess(cmd, 0, "deinstall ok config-files", "")
+    return subprocess.CompletedProcess(cmd, 0, "/etc/dictd/foldoc.conf\n", "")
+
+  monkeypatch.setattr(debian.shutil, "which", lambda name: f"/usr/bin/{name}")
+  monkeypatch.setattr(debian.subprocess, "run", fake_run)
+  assert debian._installed_files("dict-foldoc") is None

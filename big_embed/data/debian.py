@@ -15,8 +15,16 @@ from big_embed.data.errors import DataError
 
 
 def _installed_files(package: str) -> list[pathlib.Path] | None:
-  """Returns the files `dpkg -L package` lists, or None if the package is not installed."""
+  """Returns the files `dpkg -L package` lists, or None if the package is not installed.
+
+  A package removed but not purged still has a dpkg entry (its config files), so the status must be
+  "install ok installed", not just known to dpkg.
+  """
   if shutil.which("dpkg") is None:
+    return None
+  status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True,
+                          check=False)
+  if status.returncode != 0 or status.stdout.strip() != "install ok installed":
     return None
   proc = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=False)
   if proc.returncode != 0:
