@@ -14,9 +14,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from big_embed.errors import UserError
 
-class CheckpointError(RuntimeError):
-  pass
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint cannot be written or read; the message says which one is intact."""
 
 
 def _explain(err: BaseException, directory: pathlib.Path, latest: int | None) -> CheckpointError:

@@ -1,11 +1,29 @@
-"""Helpers for recipe files: build one recipe on top of another."""
+"""Helpers for recipe files (`configs/<recipe>.py`): light, they import only `ml_collections` and the schema.
+
+    from big_embed import config_utils as cu
+
+    def get_config(arg=None):
+      args = cu.parse_arg(arg, tiny=False)          # "tiny" -> args.tiny = True
+      c = cu.base_config("two_tower")               # every train / model / data field at its default
+      c.loss = cu.loss("clip", temperature=0.05)    # the loss's defaults fill the other fields at start
+      c.data.tasks.defs = cu.text_task(type="retrieval", dataset="wordnet",
+                                       fields={"query": "definition", "doc": "lemmas"})
+      return c
+
+Loading a recipe never imports JAX, Grain or TFDS, so a typo on the command line is reported at once.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+from typing import Any
 
 import ml_collections
+
+from big_embed import config_schema
+from big_embed.config_schema import base_config  # noqa: F401  (the recipes' starting point)
+from big_embed.errors import ConfigError
 
 
 def load_recipe(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -15,6 +33,65 @@ def load_recipe(path: str | pathlib.Path, arg: str | None = None) -> ml_collecti
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """A recipe argument "name,key=value,..." as a ConfigDict of `spec`'s keys (big_vision's `parse_arg`).
+
+  `spec` gives every allowed key with its default; a bare name sets a bool key to True, `key=value` is parsed as
+  the default's type. E.g. `parse_arg("tiny", tiny=False, steps=0)` -> {tiny: True, steps: 0}.
+
+  Raises:
+    ConfigError: an unknown key, a bare name for a non-bool key, or a value of the wrong type.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, has_value, value = part.partition("=")
+    if key not in spec:
+      known = ", ".join(sorted(spec)) or "none"
+      raise ConfigError(f"recipe argument {arg!r}: unknown {key!r}; this recipe takes: {known}")
+    default = spec[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ConfigError(f"recipe argument {arg!r}: {key!r} needs a value ({key}=...)")
+      out[key] = True
+      continue
+    try:
+      if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(value)
+        out[key] = value.lower() in ("true", "1")
+      else:
+        out[key] = type(default)(value)
+    except ValueError:
+      raise ConfigError(f"recipe argument {arg!r}: {key}={value!r} is not a {type(default).__name__}") from None
+  return out
+
+
+def loss(name: str, **fields: Any) -> ml_collections.ConfigDict:
+  """`config.loss` for loss `name`: the fields a recipe sets; the loss's defaults fill the rest when the run
+  starts (`big_embed.losses.resolve`), where unknown fields are rejected. A wrapper's `inner` is another `loss()`."""
+  return ml_collections.ConfigDict({"name": name, **fields})
+
+
+def text_task(**overrides: Any) -> ml_collections.ConfigDict:
+  """One task of `config.data.tasks`: `config_schema.TEXT_TASK`'s defaults with `overrides` (`fields` is merged
+  role by role).
+
+  Raises:
+    ConfigError: an override names no task field, or `fields` names an unknown role.
+  """
+  task = config_schema.text_task_defaults()
+  unknown = sorted(set(overrides) - set(task))
+  if unknown:
+    raise ConfigError(f"text task has no field(s) {unknown}; known: {sorted(task)}")
+  fields = dict(overrides.pop("fields", None) or {})
+  bad_roles = sorted(set(fields) - set(config_schema.TASK_ROLES))
+  if bad_roles:
+    raise ConfigError(f"text task fields has no role(s) {bad_roles}; known: {list(config_schema.TASK_ROLES)}")
+  task.update(overrides)
+  task.fields.update(fields)
+  return task
 
 
 def make_tiny_text(c: ml_collections.ConfigDict, steps: int = 4) -> None:

@@ -7,12 +7,12 @@ usual projection); the ViT image tower starts from scratch. The run uses MiniLM'
 
 import pathlib
 
-from big_embed import config_utils
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.model.text_pretrained = "minilm"  # or a Hugging Face BERT directory
-  c.model.text_pretrained_layers = 2 if arg != "tiny" else 1  # 0 = all layers
+  c.model.text_pretrained_layers = 1 if cu.parse_arg(arg, tiny=False).tiny else 2  # 0 = all layers
   c.train.learning_rate = 5e-4
   return c

@@ -7,12 +7,11 @@ the cosine of every matching pair above every non-matching one (λ = 20).
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.data.mismatched_fraction = 0.5
-  c.loss = losses.loss_config("cosent", towers=("image", "text"), score_key="score", scale=20.0, weight=1.0)
+  c.loss = cu.loss("cosent", towers=("image", "text"), score_key="score", temperature=0.05, weight=1.0)
   return c

@@ -8,12 +8,11 @@ settings. Other modes: --config.loss.mode=softmax (multi-label InfoNCE) or topk 
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("dexml", query_tower="image", label_tower="text", in_batch_ids=True,
-                              mode="decoupled", temperature=0.05)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("dexml", query_tower="image", label_tower="text", in_batch_ids=True,
+                   mode="decoupled", temperature=0.05)
   return c

@@ -15,32 +15,29 @@ Other modes: --config.loss.mode=softmax (multi-label InfoNCE) or topk (soft top-
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.data import text_pipeline
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("pretrained_minilm.py"), "sts")
+  args = cu.parse_arg(arg, tiny=False)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("pretrained_minilm.py"), "sts")
   c.model.num_layers = 2
   c.model.max_text_len = 32
-  c.data.tasks.debtags = text_pipeline.text_task(type="multilabel", dataset="debian_packages",
-                                                 fields={"text": "summary", "label": "tags"})
-  c.loss = losses.loss_config("dexml", query_tower="query", label_tower="label", mode="decoupled",
-                              temperature=0.05)
+  c.data.tasks.debtags = cu.text_task(type="multilabel", dataset="debian_packages",
+                                      fields={"text": "summary", "label": "tags"})
+  c.loss = cu.loss("dexml", query_tower="query", label_tower="label", mode="decoupled",
+                   temperature=0.05)
   c.train.update(dict(batch_size=64, steps=200, learning_rate=1e-4, warmup_steps=20, weight_decay=0.01,
                       log_every=20, eval_every=200, checkpoint_every=50))
   c.evals.debtags = dict(type="multilabel", dataset="debian_packages", text_field="summary", max_queries=2000)
   c.evals.sections = dict(type="linear_probe", dataset="debian_packages", text_field="summary",
                           label_field="section", max_train=3000, max_test=1000)
-  if arg == "tiny":
+  if args.tiny:
     _make_tiny(c)
-  elif arg:
-    raise ValueError(f"configs/dexml_debtags.py takes no argument or 'tiny', got {arg!r}")
   return c
 
 
 def _make_tiny(c):
-  config_utils.make_tiny_text(c, steps=4)
+  cu.make_tiny_text(c, steps=4)
   c.evals.debtags.max_queries = 64
   c.evals.sections.update(dict(max_train=200, max_test=100))

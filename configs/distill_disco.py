@@ -9,18 +9,15 @@ The teacher is the quickstart model: train it first (`configs/quickstart.py`, wo
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.train import teacher
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  if arg != "tiny":  # a student half the teacher's depth
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  if not cu.parse_arg(arg, tiny=False).tiny:  # a student half the teacher's depth
     c.model.vision.depth = 2
     c.model.text.depth = 1
-  c.teacher = teacher.default_config()
   c.teacher.workdir = "runs/quickstart"
-  c.loss = losses.loss_config("disco_mse", students=("image", "text"), teachers=("teacher_image", "teacher_text"),
-                              teacher_from="batch", reduction="sum", inner=losses.loss_config("clip"))
+  c.loss = cu.loss("disco_mse", students=("image", "text"), teachers=("teacher_image", "teacher_text"),
+                   teacher_from="batch", reduction="sum", inner=cu.loss("clip"))
   return c

@@ -6,15 +6,12 @@ rows match the frozen quickstart teacher's, by KL (or --config.loss.inner.mode=r
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.train import teacher
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.teacher = teacher.default_config()
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.teacher.workdir = "runs/quickstart"
-  c.loss = losses.loss_config("similarity_kd", scale=20.0,
-                              inner=losses.loss_config("logit_kd", mode="kl", temperature=2.0, t2_factor=True))
+  c.loss = cu.loss("similarity_kd", temperature=0.05,
+                   inner=cu.loss("logit_kd", mode="kl", temperature=2.0, t2_factor=True))
   return c

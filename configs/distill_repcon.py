@@ -6,15 +6,12 @@ teacher's similarity rows, one head per teacher (here one teacher: the quickstar
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.train import teacher
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.teacher = teacher.default_config()
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.teacher.workdir = "runs/quickstart"
-  c.loss = losses.loss_config("similarity_kd", scale=20.0, inner=losses.loss_config(
+  c.loss = cu.loss("similarity_kd", temperature=0.05, inner=cu.loss(
       "repcon_kd", students=("logits",), teachers=("teacher_logits",), weights=(1.0,), temperature=2.0))
   return c

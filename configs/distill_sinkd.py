@@ -6,16 +6,12 @@ the student's and the frozen quickstart teacher's similarity rows (batch-wise tr
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.train import teacher
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.teacher = teacher.default_config()
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.teacher.workdir = "runs/quickstart"
-  c.loss = losses.loss_config("similarity_kd", scale=20.0,
-                              inner=losses.loss_config("sinkd", alpha=0.5, beta=0.8, kd_temperature=2.0,
-                                                       sinkhorn_mode="log"))
+  c.loss = cu.loss("similarity_kd", temperature=0.05,
+                   inner=cu.loss("sinkd", alpha=0.5, beta=0.8, kd_temperature=2.0, sinkhorn_mode="log"))
   return c

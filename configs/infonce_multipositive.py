@@ -6,12 +6,11 @@ same emoji) is a positive; the rest of the global batch are negatives.
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("infonce", query_tower="image", key_tower="text", duplicates="positive",
-                              multi_positive="mean", temperature=0.05)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("infonce", query_tower="image", key_tower="text", duplicates="positive",
+                   multi_positive="mean", temperature=0.05)
   return c

@@ -7,12 +7,11 @@
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("lightclip", towers=("image", "text"), soft_neg_mode="uniform", epsilon_max=0.1,
-                              schedule="linear", ramp_steps=c.train.steps)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("lightclip", towers=("image", "text"), soft_neg_mode="uniform", epsilon_max=0.1,
+                   schedule="linear", ramp_steps=c.train.steps)
   return c

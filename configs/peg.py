@@ -6,12 +6,11 @@ exponent ramps up over the run. Switch to hardness-weighted negatives with --con
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("peg", query_tower="image", key_tower="text", temperature=0.05, peg_mode="focal",
-                              gamma_max=2.0, peg_ramp_steps=c.train.steps)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("peg", query_tower="image", key_tower="text", temperature=0.05, peg_mode="focal",
+                   gamma_max=2.0, peg_ramp_steps=c.train.steps)
   return c

@@ -10,20 +10,18 @@ With no checkpoint in the workdir, `--mode eval` evaluates the pretrained weight
 
 import ml_collections
 
-from big_embed import losses
-from big_embed.data import pipeline
-from big_embed.models import text_embedder
+from big_embed import config_utils as cu
 
 STS_SETS = ("lee50", "wordsim353", "simlex999")
 
 
-def text_evals(arg=None, *, max_queries=1000, max_docs=5000, max_train=4000, max_test=2000
+def text_evals(sts_only: bool = False, *, max_queries=1000, max_docs=5000, max_train=4000, max_test=2000
                ) -> ml_collections.ConfigDict:
-  """The text suite: STS, retrieval (+ mSD), linear probes, multi-label P@k. `arg="sts"`: STS only."""
+  """The text suite: STS, retrieval (+ mSD), linear probes, multi-label P@k. `sts_only`: the STS sets only."""
   e = ml_collections.ConfigDict()
   for name in STS_SETS:
     e[name] = dict(type="sts", dataset=name)
-  if arg == "sts":
+  if sts_only:
     return e
   cap = dict(max_queries=max_queries, max_docs=max_docs)
   e.bible = dict(type="text_retrieval", dataset="bible", split="test", msd_mode="sorted", **cap)
@@ -39,28 +37,13 @@ def text_evals(arg=None, *, max_queries=1000, max_docs=5000, max_train=4000, max
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "sts"):
-    raise ValueError(f"configs/pretrained_minilm.py takes no argument or 'sts', got {arg!r}")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-
-  c.data = pipeline.default_data_config()
-  c.data.mixture = {}
-  c.data.tasks = ml_collections.ConfigDict()  # eval only; the training recipes add tasks
-
-  c.model = text_embedder.default_text_model_config()  # every field documented there
+  args = cu.parse_arg(arg, sts=False)
+  c = cu.base_config("text")  # every model field documented in big_embed/config_schema.py (TEXT_MODEL)
   c.model.pretrained = "minilm"
   c.model.max_text_len = 256  # MiniLM's max_seq_length in sentence-transformers
-  c.data.max_text_len = c.model.get_ref("max_text_len")
-
-  c.loss = losses.loss_config("infonce", temperature=0.05)
-
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=64, steps=1, learning_rate=2e-5, warmup_steps=0, final_lr_fraction=0.0, weight_decay=0.01,
-      b1=0.9, b2=0.999, grad_clip_norm=1.0, log_every=10, eval_every=1000, checkpoint_every=1000,
-      keep_checkpoints=2))
-
+  c.loss = cu.loss("infonce", temperature=0.05)  # eval only; the training recipes pick their loss
+  c.train.update(dict(batch_size=64, steps=1, learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, b2=0.999,
+                      log_every=10, eval_every=1000, checkpoint_every=1000))
   c.eval_batch_size = 128
-  c.evals = text_evals(arg)
+  c.evals = text_evals(args.sts)
   return c

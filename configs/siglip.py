@@ -5,11 +5,10 @@
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("siglip", towers=("image", "text"))  # t' = log 10, b = -10
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("siglip", towers=("image", "text"), temperature=0.1, bias_init=-10.0)  # κ = 10 at init
   return c

@@ -9,12 +9,11 @@ shared ALGORITHMS.md §1.
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.loss = losses.loss_config("softclip", towers=("image", "text"), target_source_i2t="image",
-                              target_source_t2i="text", alpha=0.2, target_temperature=0.1, beta=1.0)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
+  c.loss = cu.loss("softclip", towers=("image", "text"), target_source_i2t="image",
+                   target_source_t2i="text", alpha=0.2, target_temperature=0.1, beta=1.0)
   return c

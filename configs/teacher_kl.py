@@ -6,16 +6,13 @@ student's, plus a small hard-label InfoNCE term. The teacher is the quickstart m
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.train import teacher
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
-  c.teacher = teacher.default_config()
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("quickstart.py"), arg)
   c.teacher.workdir = "runs/quickstart"
   c.teacher.outputs = {"image": "teacher_query", "text": "teacher_key"}  # where teacher_kl reads them
-  c.loss = losses.loss_config("teacher_kl", query_tower="image", key_tower="text", teacher_source="embeddings",
-                              temperature=0.05, teacher_temperature=0.05, hard_label_weight=0.1)
+  c.loss = cu.loss("teacher_kl", query_tower="image", key_tower="text", teacher_source="embeddings",
+                   temperature=0.05, teacher_temperature=0.05, hard_label_weight=0.1)
   return c

@@ -14,32 +14,29 @@ Held-out books (the test split) are never trained on. Argument "tiny": a random-
 
 import pathlib
 
-from big_embed import config_utils
-from big_embed import losses
-from big_embed.data import text_pipeline
+from big_embed import config_utils as cu
 
 
 def get_config(arg=None):
-  c = config_utils.load_recipe(pathlib.Path(__file__).with_name("pretrained_minilm.py"), "sts")
+  args = cu.parse_arg(arg, tiny=False)
+  c = cu.load_recipe(pathlib.Path(__file__).with_name("pretrained_minilm.py"), "sts")
   c.model.num_layers = 2
   c.model.max_text_len = 64
-  c.data.tasks.bible = text_pipeline.text_task(
+  c.data.tasks.bible = cu.text_task(
       type="retrieval", dataset="bible", fields={"query": "kjv", "doc": "web"}, num_negatives=1,
       mined="bible_minilm", max_records=8000)
-  c.loss = losses.loss_config("infonce", temperature=0.05)
+  c.loss = cu.loss("infonce", temperature=0.05)
   c.train.update(dict(batch_size=32, steps=150, learning_rate=1e-4, warmup_steps=15, weight_decay=0.01,
                       log_every=10, eval_every=150, checkpoint_every=50))
   c.evals.bible = dict(type="text_retrieval", dataset="bible", split="test", max_queries=1000, max_docs=5000,
                        msd_mode="sorted")
-  if arg == "tiny":
+  if args.tiny:
     _make_tiny(c)
-  elif arg:
-    raise ValueError(f"configs/text_retrieval.py takes no argument or 'tiny', got {arg!r}")
   return c
 
 
 def _make_tiny(c):
   """A random-init 1-layer tower (MiniLM's tokenizer), no hard negatives, a few steps, small evals."""
-  config_utils.make_tiny_text(c, steps=4)
+  cu.make_tiny_text(c, steps=4)
   c.data.tasks.bible.update(dict(num_negatives=0, mined=""))
   c.evals.bible.update(dict(max_queries=64, max_docs=256))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from big_embed.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
   """A dataset is missing, incomplete or corrupt, or its sources cannot be found."""
 
 

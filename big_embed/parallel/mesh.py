@@ -9,13 +9,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from big_embed.errors import UserError
+
 # The batch dimension is split over these mesh axes (FSDP shards params over `fsdp` and data over both).
 BATCH_AXES = ("data", "fsdp")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
-  pass
+class MeshError(UserError, ValueError):
+  """config.mesh does not fit the devices."""
 
 
 def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> dict[str, int]:
