@@ -30,7 +30,7 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "scikit-learn>=1.5"],  # scikit-learn: independent metric and probe references
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel", "matplotlib"],
     },
     entry_points={"console_scripts": ["big-embed=big_embed.main:run"]},

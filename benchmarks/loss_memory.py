@@ -37,12 +37,13 @@ def _child(args):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from big_embed.losses import engine  # pylint: disable=g-import-not-at-top
+  from big_embed.losses import infonce  # pylint: disable=g-import-not-at-top
+  from big_embed.ops import l2_normalize  # pylint: disable=g-import-not-at-top
 
   n, d, scale = args.n, args.d, 20.0
 
   def tiled(q, k):
-    return engine.info_nce(q, k, scale=scale, tile_size=args.tile_size)[0]
+    return infonce.info_nce(q, k, scale=scale, tile_size=args.tile_size)[0]
 
   def naive(q, k):
     logits = scale * q @ k.T  # [N, N]
@@ -68,7 +69,7 @@ def _child(args):
     kq, kk = jax.random.split(key)
     q = jax.random.normal(kq, (n, d), jnp.float32)
     k = q + 1.5 * jax.random.normal(kk, (n, d), jnp.float32)
-    return engine.l2_normalize(q), engine.l2_normalize(k)
+    return l2_normalize(q), l2_normalize(k)
 
   q, k = make(jax.random.PRNGKey(0))
   t = time.perf_counter()

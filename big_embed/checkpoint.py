@@ -46,6 +46,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict, data_iter: Any | None = None, *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
@@ -63,6 +66,14 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
+
+  def restore_params(self, step: int, abstract_model_params: Any) -> Any:
+    """Only the model's params (`state.params["model"]`) of checkpoint `step`, onto the shardings of
+    `abstract_model_params` (jax.ShapeDtypeStruct leaves); the optimizer state is not read."""
+    target = {"params": {"model": abstract_model_params}}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    state = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=state))["state"]["params"]["model"]
 
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
 
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from big_embed import checkpoint as ckpt_lib
+from big_embed import config_schema
 from big_embed import models
+from big_embed import run as run_lib
 from big_embed.data.tokenizer import Tokenizer
-from big_embed.errors import ConfigError
+from big_embed.errors import ConfigError, exit_on_user_error
 from big_embed.evaluate import encode as encode_lib
+from big_embed.models import pretrained
 from big_embed.parallel import mesh as mesh_lib
-from big_embed.train import state as state_lib
 
 
 class TextEncoder:
@@ -64,7 +68,7 @@ class TextEncoder:
     if not sentences:
       return np.zeros((0, self.dim), np.float32)
     if batch_size <= 0:
-      raise ValueError(f"batch_size must be > 0, got {batch_size}")
+      raise ConfigError(f"batch_size must be > 0, got {batch_size}")
     desc = "encode" if show_progress_bar and len(sentences) > batch_size else None
     return self._encoding(int(batch_size))(self.params, sentences, role, desc=desc)
 
@@ -87,78 +91,55 @@ def _default_mesh():
 
 def load_pretrained(name_or_path: str, mesh=None, **model_overrides) -> TextEncoder:
   """A pretrained HF-format BERT ("minilm" or a directory) as loaded, with its own tokenizer."""
-  from big_embed.models import pretrained, text_embedder  # pylint: disable=g-import-not-at-top
   mesh = mesh or _default_mesh()
-  cfg = text_embedder.default_text_model_config()
+  cfg = config_schema.model_defaults("text")
   cfg.pretrained = name_or_path
-  for key, value in model_overrides.items():
-    cfg[key] = value
+  cfg.update(model_overrides)
+  kind = models.kind_of(cfg)
   tokenizer = pretrained.load_tokenizer(pretrained.resolve_pretrained(name_or_path))
-  model = models.build_model(cfg, tokenizer.vocab_size)
-  init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), models.example_batch(cfg))["params"])()
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  params = text_embedder.merge_pretrained(jax.device_get(nn.unbox(init)), text_embedder.pretrained_model_params(cfg))
+  model = kind.build(cfg, tokenizer.vocab_size)
+  init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), kind.example_batch(cfg))["params"])()
+  params = pretrained.merge_pretrained(jax.device_get(nn.unbox(init)), kind.pretrained_params(cfg))
   params = jax.device_put(params, mesh_lib.replicated(mesh))
   return TextEncoder(model, params, tokenizer, cfg, mesh)
 
 
 def load_run(workdir: str | os.PathLike[str], step: int | None = None, mesh=None) -> TextEncoder:
   """The newest (or `step`) checkpoint of a training run, with the run's saved config and tokenizer."""
-  workdir = pathlib.Path(workdir).expanduser().absolute()
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f"{workdir} holds no checkpoint; train a model there first (python -m big_embed.main "
-                      f"--config ... --workdir {workdir}) or pass a pretrained model such as 'minilm'")
-  tok_path = workdir / "tokenizer.json"
-  if not tok_path.is_file():
-    raise ConfigError(f"{tok_path} is missing; it is written when a run starts, so {workdir} is not a "
-                      "complete big_embed run")
-  config = ml_collections.ConfigDict(checkpointer.restore_meta(step)["config"])
   mesh = mesh or _default_mesh()
-  tokenizer = Tokenizer.from_file(str(tok_path))
-  model = models.build_model(config.model, tokenizer.vocab_size)
-  abstract, shardings = state_lib.state_shardings(state_lib.init_fn_from_config(config, model), mesh)
-  state, _ = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
-  checkpointer.close()
-  return TextEncoder(model, state.params["model"], tokenizer, config.model, mesh, step=step)
+  run = run_lib.restore_run(workdir, mesh, step)
+  return TextEncoder(run.model, run.params, run.tokenizer, run.config.model, mesh, step=run.step)
 
 
 def load(model: str | os.PathLike[str], step: int | None = None, mesh=None) -> TextEncoder:
   """A run's workdir (a directory with `checkpoints/`), or else a pretrained model name or HF directory."""
-  path = pathlib.Path(model).expanduser()
-  if (path / "checkpoints").is_dir():
-    return load_run(path, step=step, mesh=mesh)
+  if run_lib.is_run(model):
+    return load_run(model, step=step, mesh=mesh)
   return load_pretrained(os.fspath(model), mesh=mesh)
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
-  from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from big_embed.errors import UserError  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)
-  try:
-    encoder = load(f.model)
+  with exit_on_user_error():
     path = pathlib.Path(f.input)
     if not path.is_file():
       raise ConfigError(f"--input {path} does not exist")
-    texts = path.read_text(encoding="utf-8").splitlines()
+    try:
+      texts = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+      raise ConfigError(f"--input {path} is not UTF-8 text ({err}); give one text per line") from err
+    encoder = load(f.model)
     emb = encoder.encode(texts, batch_size=f.batch_size, role=f.role)
     out = pathlib.Path(f.output)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npy")
     np.save(tmp, emb)
     os.replace(tmp, out)
     print(f"Embedded {len(texts)} texts -> {out} {emb.shape}", flush=True)
-  except (UserError, DataError, ValueError, UnicodeDecodeError) as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("model", "minilm", "A run's workdir, 'minilm', or a HF-format BERT directory.")
   flags.DEFINE_string("input", None, "Text file, one text per line.", required=True)
   flags.DEFINE_string("output", None, "Output .npy file.", required=True)

@@ -8,6 +8,7 @@ import pathlib
 import time
 
 import jax
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -18,7 +19,6 @@ class MetricWriter:
     self.workdir = pathlib.Path(workdir)
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=10)
 

@@ -24,11 +24,21 @@ import sys
 import time
 from collections.abc import Sequence
 
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
 from ml_collections import config_flags
+import numpy as np
+
+from big_embed import encode
+from big_embed.data import mined_negatives
+from big_embed.data import paths
+from big_embed.data import sources
+from big_embed.data import text_records
+from big_embed.data import text_tasks
+from big_embed.errors import ConfigError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose task is mined.", lock_config=True)
 _TASK = flags.DEFINE_string("task", "", "Retrieval task name in config.data.tasks (default: the only one).")
@@ -96,11 +106,7 @@ def filter_negatives(cand_scores: np.ndarray, cand_docs: np.ndarray, positive_do
 def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negatives: int, margin_abs: float,
          margin_rel: float, batch_size: int) -> str:
   """Mines hard negatives for retrieval task `task_name` of `config`; returns the output directory."""
-  from big_embed import encode  # pylint: disable=g-import-not-at-top
-  from big_embed.data import paths, sources, text_pipeline  # pylint: disable=g-import-not-at-top
-  from big_embed.errors import ConfigError  # pylint: disable=g-import-not-at-top
-
-  tasks = text_pipeline.resolve_tasks(config.data, config.train.batch_size) if config.data.get("tasks") else {}
+  tasks = text_tasks.resolve_tasks(config.data, config.train.batch_size) if config.data.get("tasks") else {}
   retrieval = [n for n, t in tasks.items() if t.type == "retrieval"]
   if not task_name:
     if len(retrieval) != 1:
@@ -121,8 +127,8 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   if task.max_records:  # the task's subset: its first max_records records
     records = records[:task.max_records]
   query_field, doc_field = task.fields["query"], task.fields["doc"]
-  queries = [text_pipeline.as_text(r[query_field]) for r in records]
-  docs = [text_pipeline.as_text(r[doc_field]) for r in records]
+  queries = [text_records.as_text(r[query_field]) for r in records]
+  docs = [text_records.as_text(r[doc_field]) for r in records]
   distinct = {}
   for i, d in enumerate(docs):
     distinct.setdefault(d, i)  # distinct doc text -> its first record index
@@ -146,13 +152,13 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   padded_scores = np.zeros((num_records, num_negatives), np.float32)
   padded_scores[:len(neg)] = neg_scores
   name = name or f"{task_name}_{pathlib.Path(str(model)).expanduser().name or 'model'}"
-  out = text_pipeline.mined_dir(data_dir, name)
+  out = mined_negatives.mined_dir(data_dir, name)
   meta = {"command": " ".join(sys.argv), "task": task_name, "model": str(model), "model_step": encoder.step, "top_k": top_k,
           "num_negatives": num_negatives, "margin_abs": margin_abs, "margin_rel": margin_rel,
           "dropped": stats, "positive_rank1": float(np.mean(cand_docs[:, 0] == positive))}
-  text_pipeline.write_mined_negatives(out, source_dataset=task.dataset, split=task.split,
-                                      query_field=query_field, doc_field=doc_field, negatives=neg_records,
-                                      scores=padded_scores, meta=meta)
+  mined_negatives.write_mined_negatives(out, source_dataset=task.dataset, split=task.split,
+                                        query_field=query_field, doc_field=doc_field, negatives=neg_records,
+                                        scores=padded_scores, meta=meta)
   print(f"Wrote {len(queries)} x {num_negatives} negatives to {out} in {time.perf_counter() - t0:.0f} s "
         f"(dropped: {stats}; rows with fewer than {num_negatives}: {stats['short_rows']}). Use it with "
         f"--config.data.tasks.{task_name}.mined={name} --config.data.tasks.{task_name}.num_negatives="
@@ -163,16 +169,11 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from big_embed.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from big_embed.errors import UserError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # TFDS is chatty at INFO
-  try:
+  with exit_on_user_error():
     mine(_CONFIG.value, _TASK.value, _MODEL.value, _NAME.value, top_k=_TOP_K.value,
          num_negatives=_NUM_NEGATIVES.value, margin_abs=_MARGIN_ABS.value, margin_rel=_MARGIN_REL.value,
          batch_size=_BATCH_SIZE.value)
-  except (UserError, DataError) as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_data_dir(tmp_path_factory):
-  """Every text corpus (`sources.TEXT_DATASETS`), built once per session from the Debian sources,
+  """Every text corpus (`corpora.names("text")`), built once per session from the Debian sources,
   the apt lists and the gensim wheel (~50-70 s; slowest: wordnet ~27 s, debian_packages ~14 s)."""
   import time  # pylint: disable=g-import-not-at-top
-  from big_embed.data import build, sources  # pylint: disable=g-import-not-at-top
+  from big_embed.data import build, corpora  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  directory = build.prepare(list(sources.TEXT_DATASETS), tmp_path_factory.mktemp("text_datasets"))
+  directory = build.prepare(list(corpora.names("text")), tmp_path_factory.mktemp("text_datasets"))
   print(f"text_data_dir: all text corpora built in {time.perf_counter() - start:.0f} s", flush=True)
   return directory

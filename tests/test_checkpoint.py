@@ -9,9 +9,9 @@ import pytest
 
 from big_embed import checkpoint as ckpt_lib
 from big_embed import losses
+from big_embed import models
 from big_embed.data import pipeline
 from big_embed.data import tokenizer as tokenizer_lib
-from big_embed.models import two_tower
 from big_embed.parallel import mesh as mesh_lib
 from big_embed.train import optimizer as optimizer_lib
 from big_embed.train import state as state_lib
@@ -19,26 +19,25 @@ from tests import tiny
 
 
 def _init_fn(cfg, vocab=40):
-  model = two_tower.build_model(cfg.model, vocab)
-  spec = losses.get(cfg.loss.name)
-  m = cfg.model
-  example = {"image": jnp.zeros((1, m.image_size, m.image_size, 3), jnp.uint8),
-             "text": jnp.zeros((1, m.max_text_len), jnp.int32)}
-  return state_lib.make_init_fn(model, example, lambda: spec.init_params(cfg.loss),
-                                optimizer_lib.make_optimizer(cfg.train), cfg.seed)
+  kind = models.kind_of(cfg.model)
+  loss_cfg = losses.resolve(cfg.loss)
+  spec = losses.get(loss_cfg.name)
+  return state_lib.make_init_fn(kind.build(cfg.model, vocab), kind.example_batch(cfg.model),
+                                lambda: spec.init_params(loss_cfg), optimizer_lib.make_optimizer(cfg.train), cfg.seed)
 
 
 def _train_iterator(cfg):
   tok = tokenizer_lib.load_tokenizer(cfg.data.data_dir)
   return iter(pipeline.make_train_dataset(cfg.data, tok, batch_size=cfg.train.batch_size,
-                                          image_size=cfg.model.image_size, seed=cfg.seed))
+                                          max_text_len=cfg.model.max_text_len, image_size=cfg.model.image_size,
+                                          seed=cfg.seed))
 
 
 def test_restore_onto_a_different_mesh_with_the_data_iterator(tmp_path, data_dir):
   cfg = tiny.tiny_config(data_dir)
   init_fn = _init_fn(cfg)
   mesh_a = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
-  abstract, shard_a = state_lib.state_shardings(init_fn, mesh_a)
+  abstract, shard_a = state_lib.state_shardings(init_fn, mesh_a, cfg.sharding_rules)
   state = state_lib.create_sharded_state(init_fn, shard_a)
   it = _train_iterator(cfg)
   for _ in range(5):
@@ -49,7 +48,7 @@ def test_restore_onto_a_different_mesh_with_the_data_iterator(tmp_path, data_dir
   expected_next = [next(it) for _ in range(3)]
 
   mesh_b = mesh_lib.make_mesh({"data": 8})  # no FSDP: every parameter replicated
-  _, shard_b = state_lib.state_shardings(init_fn, mesh_b)
+  _, shard_b = state_lib.state_shardings(init_fn, mesh_b, cfg.sharding_rules)
   fresh_it = _train_iterator(cfg)
   restored, meta = ckpt_lib.Checkpointer(tmp_path / "ckpt").restore(
       7, ckpt_lib.abstract_with_shardings(abstract, shard_b), fresh_it)

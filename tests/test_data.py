@@ -3,11 +3,15 @@
 import hashlib
 import os
 
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from big_embed.data import DataError, build, captions, debian, emoji, paths, pipeline, sources
+from big_embed.data import DataError, build, corpora, debian, paths, pipeline, sources
 from big_embed.data import tokenizer as tokenizer_lib
+from big_embed.data.corpora import emoji, fashion_mnist
+from big_embed.errors import ConfigError
 
 BATCH, SIZE, MAX_LEN = 16, 32, 16
 
@@ -18,13 +22,19 @@ def tok(data_dir):
 
 
 def _config(data_dir, **overrides):
-  cfg = pipeline.default_data_config()
-  cfg.data_dir = str(data_dir)
-  cfg.max_text_len = MAX_LEN
-  cfg.worker_count = 0
-  cfg.num_threads = 2
-  cfg.update(overrides)
-  return cfg
+  """`config.data` of the quickstart mixture; `overrides` replace fields whole (a mixture is not merged)."""
+  return ml_collections.ConfigDict({**dict(data_dir=str(data_dir), mixture={"emoji": 0.5, "fashion_mnist": 0.5},
+                                           worker_count=0, num_threads=2), **overrides})
+
+
+def _stream(cfg, tok, *, batch=BATCH, image_size=SIZE, seed=0, **kw):
+  return pipeline.make_train_dataset(cfg, tok, batch_size=batch, max_text_len=MAX_LEN, image_size=image_size,
+                                     seed=seed, **kw)
+
+
+def _fashion_captions():
+  """Naive reference: every template filled with every natural class name."""
+  return [t.format(n) for t in fashion_mnist.PROMPT_TEMPLATES for n in fashion_mnist.PROMPT_NAMES]
 
 
 def _take(it, n):
@@ -58,10 +68,10 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
 def test_missing_dataset_raises_with_command(tmp_path, tok):
   expected = f"python -m big_embed.data.prepare emoji fashion_mnist --data_dir {tmp_path}"
   with pytest.raises(DataError, match="'emoji'") as e:
-    pipeline.make_train_dataset(_config(tmp_path), tok, batch_size=BATCH, image_size=SIZE, seed=0)
+    _stream(_config(tmp_path), tok)
   assert expected in str(e.value)
   with pytest.raises(DataError, match="'fashion_mnist'") as e:
-    pipeline.load_zero_shot_set(tmp_path, image_size=SIZE)
+    pipeline.load_zero_shot_set("fashion_mnist", tmp_path, image_size=SIZE)
   assert expected in str(e.value)
   with pytest.raises(DataError) as e:
     tokenizer_lib.load_tokenizer(tmp_path)
@@ -78,7 +88,7 @@ def test_corrupt_record_raises(data_dir, tmp_path):
       data = data[:len(data) // 2] + b"\xff" * 4096 + data[len(data) // 2 + 4096:]
     (dst_dir / f.name).write_bytes(data)
   with pytest.raises(DataError, match=r"Corrupt fashion_mnist .*record") as e:
-    pipeline.load_zero_shot_set(tmp_path, image_size=28)
+    pipeline.load_zero_shot_set("fashion_mnist", tmp_path, image_size=28)
   assert "--overwrite" in str(e.value)
 
 
@@ -96,7 +106,56 @@ def test_prepare_skips_built_datasets(data_dir, capsys):
   assert tokenizer_file.stat().st_mtime_ns == mtime  # Nothing built: tokenizer kept.
 
 
+def test_prepare_rejects_unknown_names(tmp_path):
+  with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'; known: .*emoji, fashion_mnist"):
+    build.prepare(["emoji", "mnist"], tmp_path)
+  assert not list(tmp_path.iterdir())  # nothing built before the check
+
+
+# The corpus registry.
+
+def test_field_kinds():
+  f = tfds.features
+  cases = {"text": f.Text(), "text_seq": f.Sequence(f.Text()), "class": f.ClassLabel(names=["a", "b"]),
+           "class_seq": f.Sequence(f.ClassLabel(names=["a"])), "float": f.Scalar(np.float32),
+           "image": f.Image(shape=(4, 4, 3))}
+  for kind, feature in cases.items():
+    assert corpora.field_kind(feature) == kind, kind
+  assert corpora.field_kind(f.Tensor(shape=(28, 28), dtype=np.uint8)) == "image"
+  assert corpora.field_kind(f.Tensor(shape=(3,), dtype=np.float32)) == "other"
+  assert corpora.field_kind(f.Sequence(f.Scalar(np.int64))) == "other"
+
+
+def test_every_corpus_declares_its_builders_fields(tmp_path):
+  expected = {"bible", "wordnet", "debian_packages", "fortunes", "foldoc", "lee50", "wordsim353", "simlex999"}
+  assert expected <= set(corpora.names("text")) and {"emoji", "fashion_mnist"} <= set(corpora.names("image"))
+  for corpus in corpora.entries():
+    features = corpus.builder(data_dir=str(tmp_path), file_format=sources.FILE_FORMAT).info.features
+    assert {k: corpora.field_kind(v) for k, v in features.items()} == dict(corpus.fields), corpus.name
+  assert len({c.builder.name for c in corpora.entries()}) == len(corpora.names())
+
+
+def test_registry_rejects_bad_entries():
+  builder = corpora.get("fortunes").builder
+  good = dict(name="x", builder=builder, kind="text", fields={"text": "text", "category": "class"})
+  for change, match in ((dict(name="a-b"), "identifier"), (dict(kind="audio"), "kind"),
+                        (dict(fields={"text": "words"}), "fields must map"),
+                        (dict(probe=("text", "text")), "probe field 'text'"),
+                        (dict(retrieval=("text", "missing")), "retrieval field 'missing'"),
+                        (dict(kind="image"), "an image corpus needs image_text")):
+    with pytest.raises(ValueError, match=match):
+      corpora.Corpus(**{**good, **change})
+  with pytest.raises(ValueError, match="clashes with the registered corpus 'fortunes'"):
+    corpora.register(corpora.Corpus(**good))  # same TFDS builder name as fortunes
+  assert "x" not in corpora.names()
+
+
 # Prepared datasets.
+
+def test_prepared_splits_are_the_registered_ones(data_dir):
+  for name in ("emoji", "fashion_mnist"):
+    assert tuple(sources.make_builder(name, data_dir).info.splits) == corpora.get(name).splits
+
 
 def test_dataset_sizes(data_dir):
   n = {(name, split): len(sources.open_split(name, data_dir, split))
@@ -155,16 +214,15 @@ def test_tokenizer(tok):
 
 
 def test_tokenizer_covers_training_captions(tok):
-  texts = list(captions.all_fashion_captions())
+  texts = _fashion_captions()
   assert (tok.encode_batch(texts, 32) != tok.unk_id).all()
+  assert sorted(fashion_mnist.caption_texts(None)) == sorted(texts)
 
 
 # Training pipeline.
 
 def test_batch_shapes(data_dir, tok):
-  ds = pipeline.make_train_dataset(_config(data_dir), tok, batch_size=BATCH, image_size=SIZE,
-                                   seed=0)
-  batch = next(iter(ds))
+  batch = next(iter(_stream(_config(data_dir), tok)))
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
   assert batch["text"].shape == (BATCH, MAX_LEN) and batch["text"].dtype == np.int32
   assert (batch["text"] != 0).any(axis=1).all()
@@ -175,14 +233,13 @@ def test_batch_shapes(data_dir, tok):
 
 
 def test_deterministic(data_dir, tok):
-  make = lambda seed: iter(pipeline.make_train_dataset(
-      _config(data_dir), tok, batch_size=BATCH, image_size=SIZE, seed=seed))
+  make = lambda seed: iter(_stream(_config(data_dir), tok, seed=seed))
   _assert_same(_take(make(1), 3), _take(make(1), 3))
   assert not np.array_equal(next(make(1))["image"], next(make(2))["image"])
 
 
 def test_resume_from_state(data_dir, tok):
-  ds = pipeline.make_train_dataset(_config(data_dir), tok, batch_size=BATCH, image_size=SIZE, seed=3)
+  ds = _stream(_config(data_dir), tok, seed=3)
   it = iter(ds)
   _take(it, 5)
   state = it.get_state()
@@ -193,18 +250,20 @@ def test_resume_from_state(data_dir, tok):
 
 
 def test_process_sharding(data_dir, tok):
-  """Two processes read disjoint records: their first batches differ."""
-  make = lambda i: next(iter(pipeline.make_train_dataset(
-      _config(data_dir), tok, batch_size=BATCH, image_size=SIZE, seed=0, process_index=i,
-      process_count=2)))
-  assert not np.array_equal(make(0)["image"], make(1)["image"])
+  """The global batch is split over the processes, which read disjoint records: their first batches differ."""
+  make = lambda i: next(iter(_stream(_config(data_dir), tok, process_index=i, process_count=2)))
+  first, second = make(0), make(1)
+  assert first["image"].shape == second["image"].shape == (BATCH // 2, SIZE, SIZE, 3)
+  assert first["text"].shape == (BATCH // 2, MAX_LEN)
+  assert not np.array_equal(first["image"], second["image"])
+  with pytest.raises(ConfigError, match=r"batch_size=16 is not divisible by the 3 processes"):
+    _stream(_config(data_dir), tok, process_count=3)
 
 
 def test_mixture_proportions_and_captions(data_dir, tok):
   cfg = _config(data_dir, mixture={"emoji": 0.25, "fashion_mnist": 0.75})
-  it = iter(pipeline.make_train_dataset(cfg, tok, batch_size=BATCH, image_size=SIZE, seed=0))
-  fashion_texts = {tuple(row) for row in tok.encode_batch(list(captions.all_fashion_captions()),
-                                                          MAX_LEN)}
+  it = iter(_stream(cfg, tok))
+  fashion_texts = {tuple(row) for row in tok.encode_batch(_fashion_captions(), MAX_LEN)}
   rows = np.concatenate([b["text"] for b in _take(it, 8)])  # [8 * BATCH, MAX_LEN]
   is_fashion = np.array([tuple(r) in fashion_texts for r in rows])
   assert 0.65 < is_fashion.mean() < 0.85
@@ -214,36 +273,45 @@ def test_mixture_proportions_and_captions(data_dir, tok):
 
 def test_single_source_mixture(data_dir, tok):
   cfg = _config(data_dir, mixture={"emoji": 1.0, "fashion_mnist": 0.0})
-  batch = next(iter(pipeline.make_train_dataset(cfg, tok, batch_size=BATCH, image_size=64, seed=0)))
+  batch = next(iter(_stream(cfg, tok, image_size=64)))
   assert batch["image"].shape == (BATCH, 64, 64, 3)
-  with pytest.raises(ValueError, match="mixture"):
-    pipeline.make_train_dataset(_config(data_dir, mixture={"mnist": 1.0}), tok, batch_size=BATCH,
-                                image_size=SIZE, seed=0)
+  for mixture in ({"mnist": 1.0}, {"bible": 1.0}, {}):
+    with pytest.raises(ConfigError, match="config.data.mixture must give positive weights to some of"):
+      _stream(_config(data_dir, mixture=mixture), tok)
 
 
 # Evaluation sets.
 
 def test_zero_shot_set(data_dir):
-  zs = pipeline.load_zero_shot_set(data_dir, image_size=SIZE)
+  zs = pipeline.load_zero_shot_set("fashion_mnist", data_dir, image_size=SIZE)
   assert zs["images"].shape == (10_000, SIZE, SIZE, 3) and zs["images"].dtype == np.uint8
   assert zs["labels"].shape == (10_000,) and zs["labels"].dtype == np.int32
   np.testing.assert_array_equal(np.bincount(zs["labels"]), [1_000] * 10)
   assert zs["class_names"][0] == "t-shirt" and zs["class_names"][-1] == "ankle boot"
   assert (zs["images"][..., 0] == zs["images"][..., 2]).all()  # Grayscale as RGB.
+  assert zs["templates"][0] == "a photo of a {}." and len(zs["templates"]) == 8
+  with pytest.raises(ConfigError, match="'emoji' has no zero-shot classes; datasets with one: fashion_mnist"):
+    pipeline.load_zero_shot_set("emoji", data_dir, image_size=SIZE)
 
 
 def test_retrieval_set(data_dir):
-  rs = pipeline.load_retrieval_set(data_dir, image_size=SIZE)
+  rs = pipeline.load_retrieval_set("emoji", data_dir, image_size=SIZE)
   n = len(rs["ids"])
   assert rs["images"].shape == (n, SIZE, SIZE, 3) and rs["images"].dtype == np.uint8
   assert len(rs["captions"]) == n and all(rs["captions"])
   assert rs["ids"] == _ids(data_dir, "test")
+  src = sources.open_split("emoji", data_dir, "test")
+  assert rs["captions"] == [r["name"].decode() for r in src.__getitems__(range(len(src)))]
+  with pytest.raises(ConfigError, match="'fashion_mnist' has no retrieval captions"):
+    pipeline.load_retrieval_set("fashion_mnist", data_dir, image_size=SIZE)
+  with pytest.raises(ConfigError, match="'bible' is a text corpus"):
+    pipeline.load_retrieval_set("bible", data_dir, image_size=SIZE)
 
 
 def test_mismatched_captions_give_matching_scores(data_dir, tok):
   cfg = _config(data_dir, mismatched_fraction=0.5)
-  plain = next(iter(pipeline.make_train_dataset(_config(data_dir), tok, batch_size=BATCH, image_size=SIZE, seed=0)))
-  pairs = next(iter(pipeline.make_train_dataset(cfg, tok, batch_size=BATCH, image_size=SIZE, seed=0)))
+  plain = next(iter(_stream(_config(data_dir), tok)))
+  pairs = next(iter(_stream(cfg, tok)))
   np.testing.assert_array_equal(pairs["image"], plain["image"])
   swapped = (pairs["text"] != plain["text"]).any(axis=1)
   assert 0 < swapped.sum() <= BATCH // 2
@@ -251,9 +319,8 @@ def test_mismatched_captions_give_matching_scores(data_dir, tok):
   kept = ~swapped
   assert (pairs["score"][kept] == 1).all()
   assert set(np.unique(pairs["score"])) <= {0.0, 1.0} and (pairs["score"] == 0).any()
-  with pytest.raises(ValueError, match="mismatched_fraction"):
-    pipeline.make_train_dataset(_config(data_dir, mismatched_fraction=1.5), tok, batch_size=BATCH,
-                                image_size=SIZE, seed=0)
+  with pytest.raises(ConfigError, match="mismatched_fraction"):
+    _stream(_config(data_dir, mismatched_fraction=1.5), tok)
 
 
 def test_removed_but_not_purged_debian_package_counts_as_missing(monkeypatch):

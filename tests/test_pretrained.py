@@ -19,6 +19,7 @@ import tokenizers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from big_embed import config_schema
 from big_embed.data import tokenizer as tokenizer_lib
 from big_embed.errors import ConfigError
 from big_embed.models import bert as bert_lib
@@ -51,7 +52,7 @@ def minilm_tok(minilm_dir):
 
 
 def _minilm_config(max_text_len=256, **overrides):
-  c = te.default_text_model_config()
+  c = config_schema.model_defaults("text")
   c.pretrained = "minilm"
   c.max_text_len = max_text_len
   c.update(overrides)
@@ -93,7 +94,7 @@ def test_minilm_sharded_matches_sentence_transformers(reference, minilm_tok, mes
   config = _minilm_config()
   model = te.build_text_model(config, minilm_tok.vocab_size)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), te.example_batch(256))["params"])
-  shardings = sharding_lib.shardings_from_boxed(boxed, mesh)
+  shardings = sharding_lib.shardings_from_boxed(boxed, mesh, config_schema.SHARDING_RULES)
   params = jax.device_put(te.pretrained_model_params(config), shardings)
   if "tensor" in mesh_shape:
     assert params["bert"]["layer_0"]["intermediate"]["kernel"].sharding.spec == P("fsdp", "tensor")
@@ -194,20 +195,20 @@ def test_merge_pretrained_keeps_boxes_and_shardings(minilm_dir):
   model = te.build_text_model(config, 30522)
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   init_fn = lambda: model.init(jax.random.PRNGKey(0), te.example_batch(8))["params"]
-  shardings = sharding_lib.shardings_from_boxed(jax.eval_shape(init_fn), mesh)
+  shardings = sharding_lib.shardings_from_boxed(jax.eval_shape(init_fn), mesh, config_schema.SHARDING_RULES)
   init = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
   loaded = te.pretrained_model_params(config)
-  merged = te.merge_pretrained(init, loaded)
+  merged = pretrained.merge_pretrained(init, loaded)
   np.testing.assert_array_equal(merged["bert"]["word_embeddings"]["embedding"],
                                 loaded["bert"]["word_embeddings"]["embedding"])
   assert merged["bert"]["layer_0"]["intermediate"]["kernel"].sharding == \
       init["bert"]["layer_0"]["intermediate"]["kernel"].sharding
   assert merged["projection"]["kernel"] is init["projection"]["kernel"]  # not in the checkpoint: kept
-  host = te.merge_pretrained(jax.device_get(init), loaded)
+  host = pretrained.merge_pretrained(jax.device_get(init), loaded)
   assert isinstance(host["bert"]["layer_0"]["output"]["kernel"], np.ndarray)
   np.testing.assert_array_equal(host["bert"]["layer_0"]["output"]["kernel"],
                                 loaded["bert"]["layer_0"]["output"]["kernel"])
-  boxed = te.merge_pretrained(jax.jit(init_fn)(), loaded)
+  boxed = pretrained.merge_pretrained(jax.jit(init_fn)(), loaded)
   assert isinstance(boxed["bert"]["layer_0"]["intermediate"]["kernel"], nn.Partitioned)
   assert boxed["bert"]["layer_0"]["intermediate"]["kernel"].names == ("embed", "mlp")
   np.testing.assert_array_equal(boxed["bert"]["layer_0"]["output_ln"]["bias"].value,
@@ -216,9 +217,9 @@ def test_merge_pretrained_keeps_boxes_and_shardings(minilm_dir):
   bad = jax.tree.map(lambda x: x, loaded)
   bad["bert"]["layer_0"]["output"]["bias"] = np.zeros(3, np.float32)
   with pytest.raises(ConfigError, match="/bert/layer_0/output/bias has shape"):
-    te.merge_pretrained(init, bad)
+    pretrained.merge_pretrained(init, bad)
   with pytest.raises(ConfigError, match="the model has no /bert/layer_1, /bert/layer_2"):
-    te.merge_pretrained(init, {"bert": pretrained.load_bert_params(minilm_dir)})
+    pretrained.merge_pretrained(init, {"bert": pretrained.load_bert_params(minilm_dir)})
 
 
 # (c) The text embedder with random init, and the BERT forward against a naive NumPy one.
@@ -227,7 +228,7 @@ TINY_VOCAB = 50
 
 
 def _tiny_config(**overrides):
-  c = te.default_text_model_config()
+  c = config_schema.model_defaults("text")
   c.bert = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
             "max_position_embeddings": 16}
   c.max_text_len = 12

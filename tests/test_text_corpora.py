@@ -1,19 +1,27 @@
 """Tests of the text corpora: readers on crafted files in the real formats, skip counting, splits,
-missing sources, and real builds read back through `sources.open_split`."""
+missing sources, real builds read back through `sources.open_split`, and a new corpus added as one module."""
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import struct
 import subprocess
+import sys
+import types
 import zlib
 
+import ml_collections
+import numpy as np
 import pytest
 
-from big_embed.data import (DataError, bible, build, debian, debian_packages, foldoc, fortunes,
-                            similarity_sets, sources, text_corpus, wordnet)
+from big_embed import config_utils
+from big_embed.data import DataError, build, corpora, debian, sources, text_corpus, text_stream, text_tasks
+from big_embed.data import tokenizer as tokenizer_lib
+from big_embed.data.corpora import bible, debian_packages, foldoc, fortunes, gensim_pairs, wordnet
+from big_embed.evaluate import registry as eval_registry
 
 
 def _naive_is_test(key, percent):
@@ -406,42 +414,42 @@ def test_foldoc_index_past_the_end(tmp_path):
 def test_word_pairs_reader():
   data = (b"# The Test Collection\n# Word 1\tWord 2\tHuman (mean)\nold\tnew\t1.58\n"
           b"\tempty\t3\ncaf\xe9\tbar\t2\nsmart\tintelligent\t9.2\n\n")
-  pairs, skips = similarity_sets.read_word_pairs(data, "crafted")
-  assert pairs == [similarity_sets.Pair("old", "new", 1.58),
-                   similarity_sets.Pair("smart", "intelligent", 9.2)]
+  pairs, skips = gensim_pairs.read_word_pairs(data, "crafted")
+  assert pairs == [gensim_pairs.Pair("old", "new", 1.58),
+                   gensim_pairs.Pair("smart", "intelligent", 9.2)]
   assert skips == text_corpus.SkipCounts(empty=1, non_utf8=1)
   with pytest.raises(DataError, match="crafted:1"):
-    similarity_sets.read_word_pairs(b"a\tb\tnot-a-number\n", "crafted")
+    gensim_pairs.read_word_pairs(b"a\tb\tnot-a-number\n", "crafted")
 
 
 def test_lee_reader():
   corpus = "Doc zero.\nDoc \xe9t\xe9 one.\nDoc two.\n".encode("latin-1")
   matrix = b"1 0.2 0.3\n0 1 0.6\n0 0 1\n"
-  pairs, skips = similarity_sets.read_lee(corpus, matrix)
-  assert pairs == [similarity_sets.Pair("Doc zero.", "Doc \xe9t\xe9 one.", 0.2),
-                   similarity_sets.Pair("Doc zero.", "Doc two.", 0.3),
-                   similarity_sets.Pair("Doc \xe9t\xe9 one.", "Doc two.", 0.6)]
+  pairs, skips = gensim_pairs.read_lee(corpus, matrix)
+  assert pairs == [gensim_pairs.Pair("Doc zero.", "Doc \xe9t\xe9 one.", 0.2),
+                   gensim_pairs.Pair("Doc zero.", "Doc two.", 0.3),
+                   gensim_pairs.Pair("Doc \xe9t\xe9 one.", "Doc two.", 0.6)]
   assert skips == text_corpus.SkipCounts()
-  pairs, skips = similarity_sets.read_lee(b"A.\n\nC.\n", matrix)
+  pairs, skips = gensim_pairs.read_lee(b"A.\n\nC.\n", matrix)
   assert [(p.text_a, p.text_b) for p in pairs] == [("A.", "C.")] and skips.empty == 2
   with pytest.raises(DataError, match=r"shape \(2, 3\)"):
-    similarity_sets.read_lee(corpus, b"1 0 0\n0 1 0\n")
+    gensim_pairs.read_lee(corpus, b"1 0 0\n0 1 0\n")
 
 
 def test_wheel_download_failure(tmp_path, monkeypatch):
-  monkeypatch.setattr(similarity_sets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+  monkeypatch.setattr(gensim_pairs.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
       cmd, 1, "", "ERROR: No matching distribution found for gensim==4.4.0\n"))
   with pytest.raises(DataError, match=r"No matching distribution.*pip download --no-deps"):
-    similarity_sets.download_wheel(tmp_path)
+    gensim_pairs.download_wheel(tmp_path)
 
 
 def test_wheel_hash_mismatch(tmp_path, monkeypatch):
   def fake_pip(cmd, **kw):
     (tmp_path / "gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"not it")
     return subprocess.CompletedProcess(cmd, 0, "", "")
-  monkeypatch.setattr(similarity_sets.subprocess, "run", fake_pip)
+  monkeypatch.setattr(gensim_pairs.subprocess, "run", fake_pip)
   with pytest.raises(DataError, match="SHA-256"):
-    similarity_sets.download_wheel(tmp_path)
+    gensim_pairs.download_wheel(tmp_path)
 
 
 # Missing sources.
@@ -502,12 +510,14 @@ def test_all_text_corpora(text_data_dir):
 
   counts = {name: sum(len(sources.open_split(name, text_data_dir, s))
                       for s in sources.make_builder(name, text_data_dir).info.splits)
-            for name in sources.TEXT_DATASETS}
+            for name in corpora.names("text")}
   assert counts["wordnet"] == 117_659  # WordNet 3.0 has 117,659 synsets.
   assert 30_000 < counts["bible"] <= 31_102  # The KJV has 31,102 verses.
   assert counts["fortunes"] > 10_000 and counts["foldoc"] > 10_000
   assert counts["debian_packages"] > 1_000
   assert (counts["lee50"], counts["wordsim353"], counts["simlex999"]) == (1225, 353, 999)
+  for name in corpora.names("text"):
+    assert tuple(sources.make_builder(name, text_data_dir).info.splits) == corpora.get(name).splits, name
   for name, field, percent in (("wordnet", "id", 10), ("debian_packages", "package", 10),
                                ("foldoc", "term", 10), ("fortunes", "text", 20)):
     # Reading every record of the large corpora takes a minute: the first 3,000 of each split.
@@ -535,3 +545,150 @@ def test_all_text_corpora(text_data_dir):
 
   unix = next(r for s in ("train", "test") for r in read("foldoc", s) if r["term"] == b"Unix")
   assert list(unix["categories"]) == [b"operating system"]
+
+
+# A new corpus is one module.
+
+TOY_MODULE = '''
+"""A toy glossary corpus: "term<TAB>definition<TAB>topic" lines of a local file."""
+
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from big_embed.data import text_corpus
+from big_embed.data.corpora import registry
+
+SOURCE = {source!r}
+TOPICS = ("animals", "plants", "tools")
+
+
+class ToyGlossaryBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  name = "big_embed_test_toy_glossary"
+  VERSION = tfds.core.Version("1.0.0")
+  skip_counts = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({{
+        "term": tfds.features.Text(), "definition": tfds.features.Text(),
+        "topic": tfds.features.ClassLabel(names=TOPICS)}}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    skips, entries = text_corpus.SkipCounts(), []
+    for raw in pathlib.Path(SOURCE).read_bytes().split(b"\\n"):
+      line = text_corpus.decode_utf8(raw, skips)
+      if line is None:
+        continue
+      term, definition, topic = (line.split("\\t") + ["", "", ""])[:3]
+      if not term.strip() or not definition.strip():
+        skips.empty += 1
+        continue
+      entries.append((term.strip(), definition.strip(), topic.strip()))
+    self.skip_counts = skips
+    splits = text_corpus.split_by_hash(entries, lambda e: e[0], 30)
+    return {{name: self._generate_examples(records) for name, records in splits.items()}}
+
+  def _generate_examples(self, entries):
+    for term, definition, topic in entries:
+      yield term, {{"term": term, "definition": definition, "topic": topic}}
+
+
+registry.register(registry.Corpus(
+    name="toy_glossary", builder=ToyGlossaryBuilder, kind="text",
+    fields={{"term": "text", "definition": "text", "topic": "class"}},
+    retrieval=("definition", "term"), probe=("definition", "topic")))
+'''
+WORDS = ["otter", "heron", "maple", "fern", "chisel", "auger", "badger", "willow", "trowel", "falcon", "clover",
+         "anvil"]
+
+
+def _toy_entries():
+  """(term, definition, topic) of the toy source; topic i % 3."""
+  topics = ("animals", "plants", "tools")
+  return [(f"{WORDS[i % 12]} {WORDS[(5 * i + 1) % 12]} {i}", f"entry {i} describes a {WORDS[(7 * i + 3) % 12]} thing",
+           topics[i % 3]) for i in range(60)]
+
+
+@pytest.fixture
+def toy_corpus(tmp_path, monkeypatch):
+  """The toy corpus module written to a directory outside the package and imported (it registers itself)."""
+  source = tmp_path / "glossary.tsv"
+  lines = [f"{t}\t{d}\t{c}".encode() for t, d, c in _toy_entries()]
+  lines += [b"no definition\t\tanimals", b"caf\xe9\tnot UTF-8\ttools", b""]
+  source.write_bytes(b"\n".join(lines))
+  module_path = tmp_path / "toy_glossary.py"
+  module_path.write_text(TOY_MODULE.format(source=str(source)))
+  monkeypatch.setattr(corpora.registry, "_CORPORA", dict(corpora.registry._CORPORA))  # pylint: disable=protected-access
+  spec = importlib.util.spec_from_file_location("big_embed_test_toy_glossary", module_path)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_new_corpus_is_one_module(toy_corpus, tmp_path, capsys):
+  assert "toy_glossary" in corpora.names("text") and "toy_glossary" not in corpora.names("image")
+  data_dir = tmp_path / "data"
+  build.prepare(["toy_glossary"], data_dir)  # the real prepare path
+  assert "toy_glossary: skipped 2 empty and 1 non-UTF-8 records" in capsys.readouterr().out
+  assert not (data_dir / "tokenizer.json").exists()
+  entries = _toy_entries()
+  want = {s: {e[0]: e for e in entries if _naive_is_test(e[0], 30) == (s == "test")} for s in ("train", "test")}
+  topics = ("animals", "plants", "tools")
+  got = {s: {r["term"].decode(): (r["term"].decode(), r["definition"].decode(), topics[r["topic"]])
+             for r in _all_records("toy_glossary", data_dir, s)} for s in ("train", "test")}
+  assert got == want and want["train"] and want["test"]
+
+  # A text task stream reads it: every retrieval row is a (definition, term) pair of the train split, every
+  # classification row a definition with its topic.
+  tok = tokenizer_lib.train_tokenizer([t for e in entries for t in e] + ["q", "d"], vocab_size=300)
+  cfg = ml_collections.ConfigDict(dict(data_dir=str(data_dir), num_threads=1, prefetch_buffer_size=1, tasks={
+      "gloss": config_utils.text_task(type="retrieval", dataset="toy_glossary", batch_size=4,
+                                      fields={"query": "definition", "doc": "term"}),
+      "topics": config_utils.text_task(type="classification", dataset="toy_glossary", batch_size=4,
+                                       fields={"text": "definition", "label": "topic"})}))
+  specs = text_tasks.validate_tasks(cfg, 4, 2, 1)
+  it = iter(text_stream.make_text_train_dataset(specs, cfg, tok, max_text_len=12, query_prefix="q ",
+                                                doc_prefix="d ", seed=0))
+  enc = lambda texts: tok.encode_batch(list(texts), 12)  # pylint: disable=unnecessary-lambda-assignment
+  pairs = {enc(["q " + d])[0].tobytes(): e for e in want["train"].values() for d in [e[1]]}
+  seen = set()
+  for _ in range(12):
+    task_type, batch = next(it)
+    seen.add(task_type)
+    rows = [pairs[q.tobytes()] for q in batch["query"]]
+    if task_type == "retrieval":
+      np.testing.assert_array_equal(batch["key"], enc(["d " + e[0] for e in rows]))
+    else:
+      assert task_type == "classification"
+      np.testing.assert_array_equal(batch["ids"], [topics.index(e[2]) for e in rows])
+      np.testing.assert_array_equal(batch["key"], enc(["d " + e[2] for e in rows]))
+  assert seen == {"retrieval", "classification"}
+
+  # A text evaluator reads it with the registry's defaults (definition -> term): a perfect encoder (one-hot of the
+  # entry a text belongs to) ranks every query's own term first; pairing a query with another term would not.
+  index = {t: i for i, e in enumerate(entries) for t in e[:2]}
+  encode = lambda params, texts, role, desc=None: np.eye(len(entries), dtype=np.float32)[[index[t] for t in texts]]
+  ctx = types.SimpleNamespace(encode_texts=encode, data_dir=str(data_dir))
+  evaluator = eval_registry.build_evaluators(
+      ml_collections.ConfigDict({"e": {"type": "text_retrieval", "dataset": "toy_glossary"}}), ctx)["e"]
+  assert sorted(evaluator.queries) == sorted(e[1] for e in want["test"].values())
+  assert sorted(evaluator.corpus) == sorted(want["test"])
+  assert evaluator.run("params") == {"recall@1": 1.0, "recall@10": 1.0, "mrr@10": 1.0, "ndcg@10": 1.0}
+
+
+def test_prepare_installs_the_registered_debian_packages(toy_corpus, tmp_path, monkeypatch):
+  class PackagedGlossaryBuilder(toy_corpus.ToyGlossaryBuilder, skip_registration=True):
+    name = "big_embed_test_packaged_glossary"
+
+  corpora.register(corpora.Corpus(name="packaged_glossary", builder=PackagedGlossaryBuilder, kind="text",
+                                  fields={"term": "text", "definition": "text", "topic": "class"},
+                                  debian_packages=("big-embed-no-such-package",)))
+  monkeypatch.setattr(debian, "_installed_files", lambda p: None)  # As if nothing were installed.
+  monkeypatch.setattr(os, "geteuid", lambda: 1000)  # Not root: never runs apt-get.
+  with pytest.raises(DataError, match="sudo apt-get install -y big-embed-no-such-package"):
+    build.prepare(["packaged_glossary"], tmp_path)
+  assert not sources.is_prepared("packaged_glossary", tmp_path)
+  build.prepare(["toy_glossary"], tmp_path)  # the same builder without packages needs none
+  assert sources.is_prepared("toy_glossary", tmp_path)

@@ -13,7 +13,9 @@ import pytest
 from big_embed import encode
 from big_embed import mine
 from big_embed import models
-from big_embed.data import text_pipeline
+from big_embed.errors import ConfigError
+from big_embed.data import mined_negatives
+from big_embed.train import experiment
 from big_embed.train import loop
 from tests import tiny
 
@@ -41,7 +43,10 @@ def _main(*args, timeout=600):
 @needs_minilm
 def test_pretrained_minilm_eval_matches_sentence_transformers(text_data_dir, tmp_path):
   """The acceptance command: --mode eval of configs/pretrained_minilm.py (STS sets) writes eval_results.json
-  whose Spearman is within 0.01 of the recorded sentence-transformers reference."""
+  whose correlations match the recorded sentence-transformers reference: measured, Spearman agrees to 1e-16 and
+  Pearson to 3e-8. The bounds leave room for float32 noise on other CPUs: Pearson moves smoothly (1e-6), Spearman
+  by up to 8e-5 when one pair of near-tied cosines swaps ranks (WordSim-353's worst adjacent swap), hence 1e-4.
+  Cutting texts at 128 tokens instead of MiniLM's 256 moves Lee-50 by 4e-3 and fails."""
   proc = _main("--config", "configs/pretrained_minilm.py:sts", "--mode", "eval", "--workdir", str(tmp_path),
                f"--config.data.data_dir={text_data_dir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,8 +54,8 @@ def test_pretrained_minilm_eval_matches_sentence_transformers(text_data_dir, tmp
   reference = json.loads(REFERENCE.read_text())["sts"]
   assert results["step"] == 0
   for name in ("lee50", "wordsim353", "simlex999"):
-    assert abs(results[name]["spearman"] - reference[name]["spearman"]) <= 0.01, (name, results[name])
-    assert abs(results[name]["pearson"] - reference[name]["pearson"]) <= 0.01, (name, results[name])
+    assert abs(results[name]["spearman"] - reference[name]["spearman"]) <= 1e-4, (name, results[name])
+    assert abs(results[name]["pearson"] - reference[name]["pearson"]) <= 1e-6, (name, results[name])
 
 
 @needs_minilm
@@ -104,7 +109,7 @@ def test_mine_then_train_with_mined_negatives_and_encode(text_data_dir, tmp_path
 
   out = mine.mine(cfg, "bible", str(run), "tiny_mined", top_k=10, num_negatives=3, margin_abs=0.99,
                   margin_rel=0.99, batch_size=256)
-  mined = text_pipeline.read_mined_negatives(out)
+  mined = mined_negatives.read_mined_negatives(out)
   n_records = mined.negatives.shape[0]
   assert mined.negatives.shape == (n_records, 3) and n_records > 2000
   head = mined.negatives[:2000]
@@ -115,9 +120,9 @@ def test_mine_then_train_with_mined_negatives_and_encode(text_data_dir, tmp_path
 
   cfg = _tiny_text(text_data_dir, 2)
   cfg.data.tasks.bible.update(dict(mined="tiny_mined", num_negatives=2))
-  stream = iter(loop.make_train_stream(cfg, encode.load_run(run).tokenizer, seed=0))
+  stream = iter(experiment.make_train_stream(experiment.build_experiment(cfg, str(tmp_path / "stream")), seed=0))
   task, batch = next(stream)
-  assert task == "bible" and batch["hard_negatives"].shape == (16, 2, cfg.model.max_text_len)
+  assert task == "retrieval" and batch["hard_negatives"].shape == (16, 2, cfg.model.max_text_len)
   loop.train_and_evaluate(cfg, str(tmp_path / "with_negatives"))
   records = [json.loads(l) for l in (tmp_path / "with_negatives" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
@@ -152,13 +157,17 @@ def test_missing_text_corpus_names_the_prepare_command(tmp_path):
   assert last.startswith("error: ") and "big_embed.data.prepare" in last and "bible" in last, last
 
 
-def test_model_type_dispatch():
+def test_model_kind_dispatch():
   cfg = tiny.recipe("text_retrieval", "tiny")
-  assert models.model_type(cfg.model) == "text"
-  assert set(models.example_batch(cfg.model)) == {"query", "key"}
+  kind = models.kind_of(cfg.model)
+  assert kind.name == "text" and kind.outputs == ("query", "key", "hard_negatives", "label")
+  assert set(kind.example_batch(cfg.model)) == {"query", "key"}
+  assert kind.tokenizer_source(cfg.model) == "minilm" and kind.pretrained_source(cfg.model) == ""
+  two = tiny.recipe("clip_minilm_text", "tiny").model
+  assert models.kind_of(two).name == "two_tower" and models.kind_of(two).pretrained_source(two) == "minilm"
   cfg.model.type = "three_tower"
-  with pytest.raises(ValueError, match="three_tower"):
-    models.model_type(cfg.model)
+  with pytest.raises(ConfigError, match="three_tower"):
+    models.kind_of(cfg.model)
 
 
 @needs_minilm
@@ -167,10 +176,10 @@ def test_two_tower_text_side_starts_from_minilm(data_dir, tmp_path):
   MiniLM's tokenizer, and the image side is freshly initialised."""
   from big_embed.models import pretrained  # pylint: disable=g-import-not-at-top
   cfg = tiny.tiny_config(data_dir, steps=2, name="clip_minilm_text")
-  exp = loop.build_experiment(cfg, str(tmp_path))
+  exp = experiment.build_experiment(cfg, str(tmp_path))
   path = pretrained.resolve_pretrained("minilm")
   assert exp.tokenizer == pretrained.load_tokenizer(path)
-  params = jax.device_get(loop.initial_state(exp).params["model"])
+  params = jax.device_get(experiment.initial_state(exp).params["model"])
   want = pretrained.load_bert_params(path, num_layers=1)
   jax.tree.map(np.testing.assert_array_equal, params["text_tower"]["bert"], want)
   assert "image_tower" in params and "text_proj" in params

@@ -12,7 +12,8 @@ from scipy import stats
 from big_embed.data import sources
 from big_embed.evaluate import registry
 from big_embed.evaluate import text_evals  # noqa: F401  (registers the text eval types)
-from tests.test_text_metrics import naive_msd, naive_precision, naive_retrieval
+from big_embed.evaluate import text_metrics as tm
+from tests.test_text_metrics import naive_metrics, naive_msd, naive_precision, naive_retrieval
 
 DIM = 64
 
@@ -58,13 +59,12 @@ def fake_data(monkeypatch):
     assert data_dir == "/data"
     return list(tables[(name, split)])
 
-  def make_builder(name, data_dir):
-    features = {f: types.SimpleNamespace(feature=types.SimpleNamespace(names=n))
-                for f, n in label_names[name].items()}
-    return types.SimpleNamespace(info=types.SimpleNamespace(features=features))
+  def features(name, data_dir):
+    assert data_dir == "/data"
+    return {f: types.SimpleNamespace(feature=types.SimpleNamespace(names=n)) for f, n in label_names[name].items()}
 
   monkeypatch.setattr(sources, "open_split", open_split)
-  monkeypatch.setattr(sources, "make_builder", make_builder)
+  monkeypatch.setattr(sources, "features", features)
   return tables, label_names
 
 
@@ -173,7 +173,8 @@ def test_text_retrieval_exact_matches_rank_first(fake_data):
   ev, _ = make({"type": "text_retrieval", "dataset": "foldoc", "msd_mode": "release"})
   got = ev.run("params")
   assert got["recall@1"] == got["mrr@10"] == got["ndcg@10"] == 1.0
-  assert 0 < got["msd"] <= 100
+  emb = np.stack([bow(t) for t in ("alpha beta", "gamma delta", "epsilon zeta eta", "theta", "iota kappa")])
+  assert got["msd"] == pytest.approx(naive_msd(emb @ emb.T, list(range(5)), list(range(5)), "release")[0])
 
 
 def test_text_retrieval_wordnet_lemmas_joined_and_max_queries(fake_data):
@@ -226,7 +227,13 @@ def test_linear_probe_caps_and_label_field_check(fake_data):
   tables[("debian_packages", "test")] = recs[:10]
   ev, _ = make({"type": "linear_probe", "dataset": "debian_packages", "max_train": 7, "max_test": 4, "steps": 10})
   assert len(ev.train_texts) == 7 and len(ev.test_texts) == 4
-  assert 0.0 <= ev.run("params")["accuracy"] <= 1.0
+  assert [int(t[4]) for t in ev.train_texts] == ev.train_labels.tolist()  # texts and labels stay paired
+  assert [int(t[4]) for t in ev.test_texts] == ev.test_labels.tolist()
+  train = np.stack([bow(t) for t in ev.train_texts])
+  test = np.stack([bow(t) for t in ev.test_texts])
+  num_classes = int(max(ev.train_labels.max(), ev.test_labels.max())) + 1
+  want = tm.linear_probe_accuracy(train, ev.train_labels, test, ev.test_labels, num_classes=num_classes, steps=10)
+  assert ev.run("params")["accuracy"] == want
   with pytest.raises(ValueError, match="label_field='tags'"):
     make({"type": "linear_probe", "dataset": "debian_packages", "label_field": "tags"})
 
@@ -261,6 +268,11 @@ def test_multilabel_matches_brute_force(fake_data):
     assert got["p@1" + suffix] == pytest.approx(naive_precision(scores, labels, 1))
     assert got["p@5" + suffix] == pytest.approx(naive_precision(scores, labels, 5))
 
+    at5, full = naive_metrics(scores, labels, 5), naive_metrics(scores, labels, None)
+    assert got["recall@5" + suffix] == pytest.approx(at5["recall"])
+    assert got["hit_rate@5" + suffix] == pytest.approx(at5["hit"])
+    assert got["ndcg@5" + suffix] == pytest.approx(at5["ndcg"])
+    assert got["map" + suffix] == pytest.approx(full["ap"])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings.

@@ -1,4 +1,5 @@
-"""Tests of the multi-task text pipeline on a tiny TFDS dataset built in a temp directory.
+"""Tests of the multi-task text pipeline (text_tasks, text_stream, text_batches, mined_negatives, text_records) on a
+tiny TFDS dataset, registered as a corpus and built in a temp directory.
 
 Expected batches come from a naive reference: the records read back with `sources.open_split`, turned into
 texts by hand and encoded with the tokenizer; every batch row must be one of them.
@@ -7,7 +8,9 @@ texts by hand and encoded with the tokenizer; every batch row must be one of the
 import hashlib
 import json
 import math
+import pathlib
 import pickle
+import re
 
 import grain
 import ml_collections
@@ -16,8 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from big_embed.data import DataError, sources
-from big_embed.data import text_pipeline as tp
+from big_embed import config_schema, config_utils
+from big_embed.data import DataError, corpora, sources, text_records, text_stream, text_tasks
+from big_embed.data import mined_negatives as mn
 from big_embed.data import tokenizer as tokenizer_lib
 from big_embed.errors import ConfigError
 
@@ -79,14 +83,26 @@ class TinyTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, _record(i, split)
 
 
+CORPUS = corpora.Corpus(
+    name=DATASET, builder=TinyTextBuilder, kind="text",
+    fields={"query": "text", "doc": "text", "lemmas": "text_seq", "text": "text", "label": "class", "topic": "text",
+            "tags": "class_seq", "cats": "text_seq", "text_a": "text", "text_b": "text", "score": "float"})
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def registered():
+  """The tiny corpus in the registry, for this module's tests."""
   with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(sources.DATASETS, DATASET, TinyTextBuilder)
-    directory = tmp_path_factory.mktemp("text_data")
-    sources.make_builder(DATASET, directory).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    yield directory
+    mp.setitem(corpora.registry._CORPORA, DATASET, CORPUS)  # pylint: disable=protected-access
+    yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, registered):  # pylint: disable=unused-argument
+  directory = tmp_path_factory.mktemp("text_data")
+  sources.make_builder(DATASET, directory).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return directory
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +128,7 @@ def mined(records, data_dir):
   neg[::4, 0] = -1
   neg[1::5, 1] = np.arange(1, n, 5)  # the row itself
   neg[::7, 4] = -1
-  tp.write_mined_negatives(tp.mined_dir(data_dir, "lemma_negs"), source_dataset=DATASET, split="train",
+  mn.write_mined_negatives(mn.mined_dir(data_dir, "lemma_negs"), source_dataset=DATASET, split="train",
                            query_field="lemmas", doc_field="doc", negatives=neg,
                            scores=rng.random((n, 5)).astype(np.float32), meta={"model": "test"})
   return neg
@@ -126,7 +142,7 @@ def _text(v) -> str:
 
 
 def _task(**kw):
-  return tp.text_task(dataset=DATASET, **kw)
+  return config_utils.text_task(dataset=DATASET, **kw)
 
 
 ALL_TASKS = {
@@ -149,13 +165,32 @@ def _config(data_dir, tasks=None):
 
 
 def _make(data_dir, tok, tasks=None, *, seed=0, process_index=0, process_count=1, batch=8):
-  return tp.make_text_train_dataset(_config(data_dir, tasks), tok, default_batch_size=batch, max_text_len=MAX_LEN,
-                                    query_prefix=QP, doc_prefix=DP, seed=seed, process_index=process_index,
-                                    process_count=process_count)
+  """The stream of `tasks` (validated as the run does, with one mesh shard)."""
+  cfg = _config(data_dir, tasks)
+  specs = text_tasks.validate_tasks(cfg, batch, 1, process_count)
+  return text_stream.make_text_train_dataset(specs, cfg, tok, max_text_len=MAX_LEN, query_prefix=QP, doc_prefix=DP,
+                                             seed=seed, process_index=process_index, process_count=process_count)
+
+
+def _task_names(tasks, seed, steps):
+  """The task name of each step (the schedule of the tasks, sorted by name as the stream orders them)."""
+  tasks = ALL_TASKS if tasks is None else tasks
+  names = sorted(tasks)
+  schedule = text_stream.TaskSchedule([tasks[n].get("weight", 1.0) for n in names], text_stream.schedule_seed(seed))
+  return [names[schedule(s)[0]] for s in range(steps)]
 
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
+
+
+def _take_named(data_dir, tok, tasks=None, n=1, **kw):
+  """(task name, batch) of the first n steps; the yielded task type must be the named task's."""
+  steps = _take(iter(_make(data_dir, tok, tasks, **kw)), n)
+  names = _task_names(tasks, kw.get("seed", 0), n)
+  for name, (task_type, _) in zip(names, steps):
+    assert task_type == (ALL_TASKS if tasks is None else tasks)[name]["type"]
+  return [(name, batch) for name, (_, batch) in zip(names, steps)]
 
 
 def _assert_same(a, b):
@@ -270,9 +305,8 @@ def _check_batch(name, batch, ref, mined_neg, local_batch):
 
 def test_every_batch_is_one_correct_task(data_dir, tok, records, mined):
   ref = Reference(records, tok)
-  it = iter(_make(data_dir, tok))
   seen = set()
-  for name, batch in _take(it, 150):
+  for name, batch in _take_named(data_dir, tok, n=150):
     local = ALL_TASKS[name]["batch_size"]
     _check_batch(name, batch, ref, mined, local)
     if ALL_TASKS[name]["type"] == "multilabel":  # one process: the first occurrence of each id is valid
@@ -298,28 +332,29 @@ def test_mixture_proportions(data_dir, tok):
            "sts": dict(type="sts", batch_size=2, weight=3.0),
            "cls": dict(type="classification", batch_size=2, weight=0.5, num_negatives=1)}
   steps = 2000
-  names = [name for name, _ in _take(iter(_make(data_dir, tok, tasks)), steps)]
+  types = [task_type for task_type, _ in _take(iter(_make(data_dir, tok, tasks)), steps)]  # one task per type
   total = sum(t["weight"] for t in tasks.values())
-  for name, t in tasks.items():
+  for t in tasks.values():
     p = t["weight"] / total
     sigma = math.sqrt(steps * p * (1 - p))
-    assert abs(names.count(name) - steps * p) < 4 * sigma, (name, names.count(name), steps * p)
+    assert abs(types.count(t["type"]) - steps * p) < 4 * sigma, (t, types.count(t["type"]), steps * p)
 
 
 # Exact resume.
 
 def test_schedule_ranks_across_blocks_and_random_access():
-  weights, steps = [1.0, 2.0, 0.5], 2 * tp.SCHEDULE_BLOCK + 100
-  schedule = tp._Schedule(weights, seed=7)  # pylint: disable=protected-access
+  weights, steps = [1.0, 2.0, 0.5], 2 * text_stream.SCHEDULE_BLOCK + 100
+  schedule = text_stream.TaskSchedule(weights, seed=7)
   got = [schedule(s) for s in range(steps)]
   counts = [0, 0, 0]
   for t, k in got:  # naive: k = how many earlier steps had task t
     assert k == counts[t]
     counts[t] += 1
-  jumped = tp._Schedule(weights, seed=7)  # pylint: disable=protected-access
-  for s in (steps - 1, 5, tp.SCHEDULE_BLOCK, steps - 2, tp.SCHEDULE_BLOCK - 1):  # a resumed run starts anywhere
+  jumped = text_stream.TaskSchedule(weights, seed=7)
+  block = text_stream.SCHEDULE_BLOCK
+  for s in (steps - 1, 5, block, steps - 2, block - 1):  # a resumed run starts anywhere
     assert jumped(s) == got[s]
-  other = tp._Schedule(weights, seed=8)  # pylint: disable=protected-access
+  other = text_stream.TaskSchedule(weights, seed=8)
   assert [t for t, _ in got] != [other(s)[0] for s in range(steps)]
 
 
@@ -361,10 +396,9 @@ def test_pickled_dataset_gives_the_same_stream(data_dir, tok):
 def test_two_processes_share_tasks_and_split_records(data_dir, tok, records, mined):
   ref = Reference(records, tok)
   tasks = {k: ALL_TASKS[k] for k in ("ret", "sts", "ml", "ml_cats", "cls")}
-  its = [iter(_make(data_dir, tok, tasks, process_index=p, process_count=2)) for p in range(2)]
+  streams = [_take_named(data_dir, tok, tasks, 80, process_index=p, process_count=2) for p in range(2)]
   seen = [{name: set() for name in tasks} for _ in range(2)]
-  for _ in range(80):
-    (name0, b0), (name1, b1) = next(its[0]), next(its[1])
+  for (name0, b0), (name1, b1) in zip(*streams):
     assert name0 == name1
     local = tasks[name0]["batch_size"] // 2
     for p, batch in enumerate((b0, b1)):
@@ -384,23 +418,23 @@ def test_mined_negatives_roundtrip_and_overwrite(tmp_path):
   neg = np.array([[1, -1, 2], [0, 2, -1], [-1, -1, -1]])
   scores = np.array([[0.9, np.nan, 0.5], [0.7, 0.6, np.nan], [np.nan] * 3], np.float32)
   directory = tmp_path / "mined" / "x"
-  tp.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
+  mn.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
                            negatives=neg, scores=scores, meta={"model": "m", "k": 3})
-  got = tp.read_mined_negatives(directory)
+  got = mn.read_mined_negatives(directory)
   np.testing.assert_array_equal(got.negatives, neg)
   assert got.negatives.dtype == np.int64 and got.scores.dtype == np.float32
   np.testing.assert_array_equal(got.scores, scores)
   assert got.info["meta"] == {"model": "m", "k": 3} and got.info["num_records"] == 3
   assert got.info["source_dataset"] == "d" and got.info["doc_field"] == "t"
-  tp.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
+  mn.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
                            negatives=neg[:, :1], scores=scores[:, :1], meta={})
-  assert tp.read_mined_negatives(directory).negatives.shape == (3, 1)
+  assert mn.read_mined_negatives(directory).negatives.shape == (3, 1)
   assert sorted(p.name for p in directory.parent.iterdir()) == ["x"]  # no temporary leftovers
   with pytest.raises(ValueError, match="record indices"):
-    tp.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
+    mn.write_mined_negatives(directory, source_dataset="d", split="train", query_field="q", doc_field="t",
                              negatives=neg + 5, scores=scores, meta={})
   with pytest.raises(DataError, match="No mined hard-negative set"):
-    tp.read_mined_negatives(tmp_path / "mined" / "missing")
+    mn.read_mined_negatives(tmp_path / "mined" / "missing")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -414,7 +448,7 @@ def test_mined_set_must_match_the_task(data_dir, tok, tmp_path, change, match):
   change = dict(change)
   n, h = change.pop("rows", N_TRAIN), change.pop("h", 4)
   args = {**dict(source_dataset=DATASET, split="train", query_field="lemmas", doc_field="doc"), **change}
-  tp.write_mined_negatives(tp.mined_dir(data_dir, "bad"), negatives=np.zeros((n, h), np.int64),
+  mn.write_mined_negatives(mn.mined_dir(data_dir, "bad"), negatives=np.zeros((n, h), np.int64),
                            scores=np.zeros((n, h), np.float32), meta={"command": "mine --flags"}, **args)
   tasks = {"r": dict(type="retrieval", num_negatives=3, mined="bad", fields={"query": "lemmas"}, batch_size=4)}
   with pytest.raises(DataError, match=match) as e:
@@ -430,11 +464,9 @@ def test_missing_mined_set(data_dir, tok):
 
 # Errors.
 
-def test_missing_dataset_names_the_prepare_command(tmp_path, tok):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(sources.DATASETS, DATASET, TinyTextBuilder)
-    with pytest.raises(DataError, match="python -m big_embed.data.prepare"):
-      _make(tmp_path, tok, {"ret": ALL_TASKS["ret"]})
+def test_missing_dataset_names_the_prepare_command(tmp_path, tok, registered):  # pylint: disable=unused-argument
+  with pytest.raises(DataError, match=f"python -m big_embed.data.prepare {DATASET} --data_dir {tmp_path}"):
+    _make(tmp_path, tok, {"ret": ALL_TASKS["ret"]})
 
 
 def test_too_few_records_for_the_batch(data_dir, tok):
@@ -442,8 +474,8 @@ def test_too_few_records_for_the_batch(data_dir, tok):
     _make(data_dir, tok, {"ret": dict(type="retrieval", batch_size=1024)}, process_count=2)
 
 
-def _validate(data_dir, tasks, loss="hybrid", *, batch=8, shards=4, processes=2):
-  return tp.validate_tasks(_config(data_dir, tasks), batch, shards, processes, loss)
+def _validate(data_dir, tasks, *, batch=8, shards=4, processes=2):
+  return text_tasks.validate_tasks(_config(data_dir, tasks), batch, shards, processes)
 
 
 def test_validate_accepts_good_configs(data_dir):
@@ -451,36 +483,39 @@ def test_validate_accepts_good_configs(data_dir):
                     shards=4, processes=1)
   assert list(specs) == sorted(specs) and specs["sts"].fields == {"text_a": "text_a", "text_b": "text_b",
                                                                     "score": "score"}
-  assert _validate(data_dir, {"ml": ALL_TASKS["ml"]}, "dexml")["ml"].batch_size == 8
-  assert _validate(data_dir, {"s": dict(type="sts", batch_size=0)}, "cosent", batch=16)["s"].batch_size == 16
-  wrapped = ml_collections.ConfigDict({"name": "matryoshka", "inner": {"name": "infonce"}})
-  _validate(data_dir, {"r": ALL_TASKS["ret"]}, wrapped)
+  assert specs["ret_neg"] == text_tasks.TaskSpec(
+      name="ret_neg", type="retrieval", dataset=DATASET, split="train", weight=2.0, batch_size=8,
+      fields={"query": "lemmas", "doc": "doc"}, num_negatives=3, mined="lemma_negs", max_records=0)
+  assert _validate(data_dir, {"ml": ALL_TASKS["ml"]})["ml"].batch_size == 8
+  assert _validate(data_dir, {"s": dict(type="sts", batch_size=0)}, batch=16)["s"].batch_size == 16
 
 
-@pytest.mark.parametrize("tasks, loss, match", [
-    ({}, "hybrid", "config.data.tasks is empty"),
-    ({"a": dict(type="ranking")}, "hybrid", r"type='ranking' is unknown"),
-    ({"a": dict(type="retrieval", weight=0.0)}, "hybrid", "weight must be a finite number > 0"),
-    ({"a": dict(type="retrieval", weight=-1.0)}, "hybrid", "weight must be a finite number > 0"),
-    ({"a": dict(type="retrieval", batch_size=6)}, "hybrid", "not divisible by the 4 data-parallel"),
-    ({"a": dict(type="retrieval", batch_size=-4)}, "hybrid", "batch_size must be > 0"),
-    ({"a": dict(type="retrieval", fields={"doc": "body"})}, "hybrid", "has no such field"),
-    ({"a": dict(type="sts", fields={"score": "text"})}, "cosent", "sts score must be one of: float"),
-    ({"a": dict(type="classification", fields={"label": "tags"})}, "hybrid", "classification label"),
-    ({"a": dict(type="classification", num_negatives=6)}, "hybrid", "exceeds the 5 other labels"),
-    ({"a": dict(type="retrieval", num_negatives=2)}, "hybrid", "needs a mined hard-negative set"),
-    ({"a": dict(type="sts", mined="x")}, "hybrid", "only retrieval tasks read mined"),
-    ({"a": dict(type="multilabel", num_negatives=1, fields={"label": "tags"})}, "dexml", "take no hard negatives"),
-    ({"a": dict(type="retrieval"), "b": dict(type="multilabel", fields={"label": "tags"})}, "hybrid",
-     r"loss 'hybrid' trains only on retrieval/sts/classification tasks, but .* b \(multilabel\)"),
-    ({"a": dict(type="retrieval")}, "dexml", r"only on multilabel tasks, but .* a \(retrieval\)"),
-    ({"a": dict(type="retrieval"), "b": dict(type="sts")}, "infonce", r"b \(sts\); .*one of hybrid"),
-    ({"a": dict(type="retrieval")}, "cosent", "only on sts tasks"),
-    ({"a": dict(type="retrieval")}, "no_such_loss", "does not train on text tasks"),
+@pytest.mark.parametrize("tasks, match", [
+    ({}, "config.data.tasks is empty"),
+    ({"a": dict(type="ranking")}, r"type='ranking' is unknown"),
+    ({"a": dict(type="retrieval", weight=0.0)}, "weight must be a finite number > 0"),
+    ({"a": dict(type="retrieval", weight=-1.0)}, "weight must be a finite number > 0"),
+    ({"a": dict(type="retrieval", batch_size=6)}, "not divisible by the 4 data-parallel"),
+    ({"a": dict(type="retrieval", batch_size=-4)}, "batch_size must be > 0"),
+    ({"a": dict(type="retrieval", split="validation")}, r"split='validation' is not a split of .*train, test"),
+    ({"a": dict(type="retrieval", fields={"doc": "body"})}, "has no such field"),
+    ({"a": dict(type="sts", fields={"score": "text"})}, "sts score must be one of: float"),
+    ({"a": dict(type="classification", fields={"label": "tags"})}, "classification label"),
+    ({"a": dict(type="classification", num_negatives=6)}, "exceeds the 5 other labels"),
+    ({"a": dict(type="retrieval", num_negatives=2)}, "needs a mined hard-negative set"),
+    ({"a": dict(type="sts", mined="x")}, "only retrieval tasks read mined"),
+    ({"a": dict(type="multilabel", num_negatives=1, fields={"label": "tags"})}, "take no hard negatives"),
+    ({"a": dict(type="retrieval", max_records=-1)}, "max_records must be >= 0"),
 ])
-def test_validate_rejects(data_dir, tasks, loss, match):
+def test_validate_rejects(data_dir, tasks, match):
   with pytest.raises(ConfigError, match=match):
-    _validate(data_dir, tasks, loss)
+    _validate(data_dir, tasks)
+
+
+def test_validate_needs_the_prepared_dataset(tmp_path, registered):  # pylint: disable=unused-argument
+  with pytest.raises(DataError, match=re.escape(f"Build it with: python -m big_embed.data.prepare {DATASET} "
+                                                f"--data_dir {tmp_path}")):
+    _validate(tmp_path, {"a": dict(type="retrieval")})
 
 
 def test_validate_rejects_structure_errors(data_dir):
@@ -488,22 +523,43 @@ def test_validate_rejects_structure_errors(data_dir):
     _validate(data_dir, {"a": dict(type="retrieval", batch_size=8)}, shards=1, processes=3)
   cfg = _config(data_dir, {"a": dict(type="retrieval")})
   cfg.tasks.a.dataset = "no_such_data"
-  with pytest.raises(ConfigError, match="'no_such_data' is not a known dataset"):
-    tp.validate_tasks(cfg, 8, 1, 1, "hybrid")
+  with pytest.raises(ConfigError, match="'no_such_data' is not a known text corpus"):
+    text_tasks.validate_tasks(cfg, 8, 1, 1)
+  cfg.tasks.a.dataset = "emoji"
+  with pytest.raises(ConfigError, match="'emoji' is not a known text corpus"):
+    text_tasks.validate_tasks(cfg, 8, 1, 1)
   cfg.tasks.a = ml_collections.ConfigDict({"type": "retrieval", "dataset": DATASET, "wieght": 2.0})
   with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wieght'\]"):
-    tp.validate_tasks(cfg, 8, 1, 1, "hybrid")
+    text_tasks.validate_tasks(cfg, 8, 1, 1)
   with pytest.raises(ConfigError, match="no field"):
-    tp.text_task(wieght=2.0)
+    config_utils.text_task(wieght=2.0)
   with pytest.raises(ConfigError, match="no role"):
-    tp.text_task(fields={"answer": "x"})
+    config_utils.text_task(fields={"answer": "x"})
+
+
+def test_every_task_type_has_its_roles():
+  assert set(text_tasks.TYPE_ROLES) == set(config_schema.TASK_TYPES)
+  assert {r for roles in text_tasks.TYPE_ROLES.values() for r in roles} == set(config_schema.TASK_ROLES)
+
+
+def test_no_loss_name_in_the_data_layer():
+  """The data layer knows task types, never losses: no registered loss name appears in big_embed/data/."""
+  from big_embed import losses  # pylint: disable=g-import-not-at-top
+  names = set(losses.names())
+  assert {"clip", "hybrid", "dexml", "infonce"} <= names
+  root = pathlib.Path(text_tasks.__file__).parent
+  words = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b", re.IGNORECASE)
+  found = [f"{path.relative_to(root)}:{i}: {m.group(0)}" for path in sorted(root.rglob("*.py"))
+           for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+           for m in words.finditer(line)]
+  assert not found, found
 
 
 def test_label_text_rule():
-  assert [tp.humanize_label(n) for n in LABEL_NAMES] == LABEL_TEXTS
-  assert [tp.humanize_label(n) for n in TAG_NAMES] == TAG_TEXTS
+  assert [text_records.humanize_label(n) for n in LABEL_NAMES] == LABEL_TEXTS
+  assert [text_records.humanize_label(n) for n in TAG_NAMES] == TAG_TEXTS
 
 
 def test_text_id_is_a_stable_int32():
-  assert tp.text_id("river") == int.from_bytes(hashlib.sha1(b"river").digest()[:4], "big") & 0x7FFFFFFF
-  assert 0 <= tp.text_id("x") < 2**31
+  assert text_records.text_id("river") == int.from_bytes(hashlib.sha1(b"river").digest()[:4], "big") & 0x7FFFFFFF
+  assert 0 <= text_records.text_id("x") < 2**31

@@ -1,8 +1,16 @@
 """Data layer: prepared TFDS datasets (array_record), the tokenizer and Grain input pipelines.
 
-Build the data once with `python -m big_embed.data.prepare emoji fashion_mnist [--data_dir DIR]`;
-then use `big_embed.data.pipeline` (training stream, evaluation sets) and
-`big_embed.data.tokenizer.load_tokenizer(data_dir)`. This module stays light (no TFDS/Grain import).
+    corpora/         every dataset, one module each, and the corpus registry (`corpora.get(name)`)
+    build, prepare   build corpora into the data directory (`python -m big_embed.data.prepare NAME ...`)
+    sources          prepared datasets by name: open a split, read its records or features
+    pipeline         the image-text training stream and the image evaluation sets
+    text_tasks       `config.data.tasks` resolved into TaskSpecs and checked (`validate_tasks`)
+    text_stream      the multi-task text training stream; text_batches: each task type's batches
+    text_records     fields as texts, label texts, stable text ids, whole columns of a split
+    mined_negatives  the mined hard-negative sets
+    tokenizer        the project's WordPiece tokenizer (`load_tokenizer(data_dir)`)
+
+This module stays light (no TFDS/Grain import).
 """
 
 from big_embed.data.errors import DataError, prepare_command

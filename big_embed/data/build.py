@@ -14,23 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from big_embed.data import (bible, captions, debian, debian_packages, emoji, fashion_mnist, foldoc,
-                            fortunes, paths, similarity_sets, sources, tokenizer, wordnet)
+from big_embed.data import corpora, debian, paths, sources, tokenizer
 from big_embed.data.errors import DataError
-
-# Debian packages holding each dataset's raw sources (installed before the build when root).
-_PACKAGES = {
-    "emoji": emoji.DEBIAN_PACKAGES,
-    "fashion_mnist": fashion_mnist.DEBIAN_PACKAGES,
-    "bible": bible.DEBIAN_PACKAGES,
-    "wordnet": wordnet.DEBIAN_PACKAGES,
-    "debian_packages": debian_packages.DEBIAN_PACKAGES,
-    "fortunes": fortunes.DEBIAN_PACKAGES,
-    "foldoc": foldoc.DEBIAN_PACKAGES,
-    "lee50": similarity_sets.DEBIAN_PACKAGES,
-    "wordsim353": similarity_sets.DEBIAN_PACKAGES,
-    "simlex999": similarity_sets.DEBIAN_PACKAGES,
-}
 
 
 def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
@@ -45,7 +30,7 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
   if sources.is_prepared(name, data_dir) and not overwrite:
     print(f"{name}: already built in {target}; skipping (pass --overwrite to rebuild).", flush=True)
     return False
-  for package in _PACKAGES[name]:
+  for package in corpora.get(name).debian_packages:
     debian.ensure_package(package)
   # A previous build (or an interrupted one: TFDS writes into `incomplete.*` first) is removed.
   for stale in [target, *target.parent.glob(f"incomplete.*_{target.name}")]:
@@ -70,14 +55,12 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
 
 
 def _training_texts(data_dir: pathlib.Path) -> Iterator[str]:
-  """Every caption (or a text covering its words) the training pipeline can produce."""
-  if sources.is_prepared("fashion_mnist", data_dir):
-    yield from captions.all_fashion_captions()
-  if sources.is_prepared("emoji", data_dir):
-    records = sources.open_split("emoji", data_dir, "train")
-    entries = ((r["name"].decode(), [k.decode() for k in r["keywords"]])
-               for r in records.__getitems__(range(len(records))))
-    yield from captions.all_emoji_caption_texts(entries)
+  """Every caption (or a text covering its words) the image-text training stream can produce, over the prepared
+  image corpora."""
+  for corpus in corpora.entries("image"):
+    if sources.is_prepared(corpus.name, data_dir):
+      yield from corpus.image_text.caption_texts(
+          lambda split, name=corpus.name: sources.read_all(name, data_dir, split))
 
 
 def build_tokenizer(data_dir: str | os.PathLike[str] | None,
@@ -112,17 +95,17 @@ def prepare(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None
     The resolved data directory.
 
   Raises:
-    ValueError: an unknown dataset name.
+    ConfigError: an unknown dataset name.
     DataError: a source package is missing and cannot be installed.
   """
-  unknown = [n for n in names if n not in sources.DATASETS]
-  if unknown:
-    raise ValueError(f"Unknown dataset(s) {unknown}; known: {', '.join(sources.DATASETS)}")
+  for name in names:
+    corpora.get(name)  # Unknown names fail before anything is built.
   data_dir = paths.resolve_data_dir(data_dir)
   built = {name: prepare_dataset(name, data_dir, overwrite=overwrite) for name in names}
   # The tokenizer is trained on image captions only: text corpora alone neither need nor change it.
-  has_captions = any(sources.is_prepared(n, data_dir) for n in sources.IMAGE_DATASETS)
-  built_captions = any(built[n] for n in built if n in sources.IMAGE_DATASETS)
+  image = corpora.names("image")
+  has_captions = any(sources.is_prepared(n, data_dir) for n in image)
+  built_captions = any(built[n] for n in built if n in image)
   if has_captions and (built_captions or not _tokenizer_ok(data_dir)):
     build_tokenizer(data_dir, vocab_size)
   return data_dir

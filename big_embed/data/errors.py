@@ -11,8 +11,7 @@ class DataError(UserError, RuntimeError):
   """A dataset is missing, incomplete or corrupt, or its sources cannot be found."""
 
 
-def prepare_command(data_dir: str | os.PathLike[str] | None = None,
-                    names: tuple[str, ...] = ("emoji", "fashion_mnist"),
+def prepare_command(data_dir: str | os.PathLike[str] | None, names: tuple[str, ...],
                     overwrite: bool = False) -> str:
   """Returns the shell command that builds `names` into `data_dir`.
 

@@ -3,9 +3,8 @@ r"""Builds the datasets (TFDS, array_record) and the text tokenizer into the dat
 Usage:
   python -m big_embed.data.prepare [NAME ...] [--data_dir DIR] [--overwrite]
 
-Names: the image datasets `emoji` and `fashion_mnist`; the text corpora `bible`, `wordnet`,
-`debian_packages`, `fortunes`, `foldoc` (train/test) and the similarity sets `lee50`, `wordsim353`,
-`simlex999` (test only); docs/datasets.md describes each one and its licence.
+Names: the corpora of `big_embed/data/corpora/` (one module each; docs/datasets.md describes each one and its
+licence); an unknown name is answered with the list of known ones.
 
 With no names, builds every dataset. A finished dataset is skipped unless --overwrite. Raw sources
 come from Debian packages, installed with apt-get when running as root; `debian_packages` reads the
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from big_embed.data import build, paths, sources, tokenizer
+from big_embed.data import build, corpora, paths, tokenizer
 from big_embed.data.errors import DataError
 
 _DATA_DIR = flags.DEFINE_string(
@@ -34,10 +33,10 @@ _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", tokenizer.DEFAULT_VOCAB_SIZE,
 
 
 def main(argv: Sequence[str]) -> None:
-  names = list(dict.fromkeys(argv[1:])) or list(sources.DATASETS)
-  unknown = [n for n in names if n not in sources.DATASETS]
+  names = list(dict.fromkeys(argv[1:])) or list(corpora.names())
+  unknown = [n for n in names if n not in corpora.names()]
   if unknown:
-    raise app.UsageError(f"Unknown dataset(s) {unknown}; known: {', '.join(sources.DATASETS)}")
+    raise app.UsageError(f"Unknown dataset(s) {unknown}; known: {', '.join(corpora.names())}")
   try:
     build.prepare(names, _DATA_DIR.value, overwrite=_OVERWRITE.value, vocab_size=_VOCAB_SIZE.value)
   except DataError as e:

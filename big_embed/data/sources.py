@@ -1,7 +1,7 @@
-"""Prepared datasets by CLI name: their TFDS builders, where they live, and checked random access.
+"""Prepared datasets by corpus name: their TFDS builders, where they live, and checked random access.
 
-Every failure to find or read a prepared dataset raises `DataError` naming the dataset, the file and
-the `prepare` command that (re)builds it.
+The corpora are the registered ones (`big_embed.data.corpora`). Every failure to find or read a prepared dataset
+raises `DataError` naming the dataset, the file and the `prepare` command that (re)builds it.
 """
 
 from __future__ import annotations
@@ -13,43 +13,24 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from big_embed.data import (bible, debian_packages, emoji, fashion_mnist, foldoc, fortunes, paths,
-                            similarity_sets, wordnet)
+from big_embed.data import corpora, paths
 from big_embed.data.errors import DataError, prepare_command
 
-IMAGE_DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "emoji": emoji.EmojiBuilder,
-    "fashion_mnist": fashion_mnist.FashionMnistBuilder,
-}
-# Text corpora (schemas in each module's docstring and docs/datasets.md).
-TEXT_DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "bible": bible.BibleBuilder,
-    "wordnet": wordnet.WordNetBuilder,
-    "debian_packages": debian_packages.DebianPackagesBuilder,
-    "fortunes": fortunes.FortunesBuilder,
-    "foldoc": foldoc.FoldocBuilder,
-    "lee50": similarity_sets.Lee50Builder,
-    "wordsim353": similarity_sets.WordSim353Builder,
-    "simlex999": similarity_sets.SimLex999Builder,
-}
-DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {**IMAGE_DATASETS, **TEXT_DATASETS}
 FILE_FORMAT = "array_record"  # the only TFDS format Grain reads without TensorFlow
 
 
-def _builder_cls(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
-  if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-  return DATASETS[name]
-
-
 def make_builder(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.core.DatasetBuilder:
-  """Returns the TFDS builder of dataset `name` (a key of `DATASETS`) in `data_dir`."""
-  return _builder_cls(name)(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
+  """Returns the TFDS builder of corpus `name` in `data_dir`.
+
+  Raises:
+    ConfigError: no corpus is called `name`.
+  """
+  return corpora.get(name).builder(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
 
 
 def dataset_dir(name: str, data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
   """Returns `<data_dir>/<builder name>/<version>`, where the finished dataset lives."""
-  cls = _builder_cls(name)
+  cls = corpora.get(name).builder
   return paths.resolve_data_dir(data_dir) / cls.name / str(cls.VERSION)
 
 
@@ -93,8 +74,35 @@ class CheckedSource:
 
 
 def build_command(name: str, data_dir: str | os.PathLike[str] | None) -> str:
-  """The `prepare` command that builds dataset `name` (the image datasets are built together)."""
-  return prepare_command(data_dir) if name in IMAGE_DATASETS else prepare_command(data_dir, (name,))
+  """The `prepare` command that builds dataset `name` (the image datasets are built together: they share the
+  tokenizer)."""
+  image = corpora.names("image")
+  return prepare_command(data_dir, image if name in image else (name,))
+
+
+def _not_prepared(name: str, resolved: str) -> DataError:
+  return DataError(f"Dataset {name!r} is not prepared in {resolved} (no {dataset_dir(name, resolved)}). "
+                   f"Build it with: {build_command(name, resolved)}")
+
+
+def _cannot_open(name: str, resolved: str, what: str, e: Exception) -> DataError:
+  return DataError(f"Cannot open {what} of dataset {name!r} in {dataset_dir(name, resolved)} "
+                   f"({type(e).__name__}: {e}). Rebuild it with: {prepare_command(resolved, (name,), overwrite=True)}")
+
+
+def features(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.features.FeaturesDict:
+  """The features of prepared dataset `name` as built (ClassLabel names included).
+
+  Raises:
+    DataError: the dataset is not prepared in `data_dir` (the message is the `prepare` command).
+  """
+  resolved = str(paths.resolve_data_dir(data_dir))
+  if not is_prepared(name, resolved):
+    raise _not_prepared(name, resolved)
+  try:
+    return make_builder(name, resolved).info.features
+  except Exception as e:  # pylint: disable=broad-except
+    raise _cannot_open(name, resolved, "the features", e) from e
 
 
 def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -> CheckedSource:
@@ -107,25 +115,18 @@ def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -
   resolved = str(paths.resolve_data_dir(data_dir))
   directory = dataset_dir(name, resolved)
   if not is_prepared(name, resolved):
-    raise DataError(f"Dataset {name!r} is not prepared in {resolved} (no {directory}). "
-                    f"Build it with: {build_command(name, resolved)}")
-
-  def cannot_open(e: Exception) -> DataError:
-    return DataError(f"Cannot open split {split!r} of dataset {name!r} in {directory} "
-                     f"({type(e).__name__}: {e}). Rebuild it with: "
-                     f"{prepare_command(resolved, (name,), overwrite=True)}")
-
+    raise _not_prepared(name, resolved)
   try:
     builder = make_builder(name, resolved)
     splits = list(builder.info.splits.keys())
   except Exception as e:  # pylint: disable=broad-except
-    raise cannot_open(e) from e
+    raise _cannot_open(name, resolved, f"split {split!r}", e) from e
   if splits and split.split("[", 1)[0] not in splits:
     raise DataError(f"Dataset {name!r} has no split {split!r}; its splits: {', '.join(splits)}")
   try:
     source = builder.as_data_source(split)
   except Exception as e:  # pylint: disable=broad-except
-    raise cannot_open(e) from e
+    raise _cannot_open(name, resolved, f"split {split!r}", e) from e
   return CheckedSource(source, name, split, directory, resolved)
 
 

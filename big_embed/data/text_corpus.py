@@ -1,4 +1,4 @@
-"""Shared pieces of the text corpora: skip counting, UTF-8 decoding and hash-based splits.
+"""Shared pieces of the corpora: skip counting, UTF-8 decoding, hash-based splits, Text values as str.
 
 Every corpus reader turns raw source files into records and a `SkipCounts`: records that are empty
 (nothing left after cleaning) or not valid UTF-8 are dropped and counted, never silently repaired.
@@ -26,6 +26,11 @@ class SkipCounts:
   def message(self, name: str) -> str:
     """e.g. "fortunes: skipped 3 empty and 1 non-UTF-8 records"."""
     return f"{name}: skipped {self.empty} empty and {self.non_utf8} non-UTF-8 records"
+
+
+def to_str(value: object) -> str:
+  """A Text value as TFDS returns it (bytes) or as str, as str."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def decode_utf8(raw: bytes, skips: SkipCounts) -> str | None:

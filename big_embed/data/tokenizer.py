@@ -114,10 +114,14 @@ def load_tokenizer(data_dir: str | os.PathLike[str] | None) -> Tokenizer:
   path = paths.tokenizer_path(data_dir)
   resolved = paths.resolve_data_dir(data_dir)
   if not path.is_file():
-    raise DataError(f"No tokenizer at {path}. Build the datasets and tokenizer with: "
-                    f"{prepare_command(resolved)}")
+    raise DataError(f"No tokenizer at {path}. Build the datasets and tokenizer with: {_image_prepare(resolved)}")
   try:
     return Tokenizer.from_file(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"Corrupt tokenizer {path} ({e}). Retrain it with: "
-                    f"{prepare_command(resolved)}") from e
+    raise DataError(f"Corrupt tokenizer {path} ({e}). Retrain it with: {_image_prepare(resolved)}") from e
+
+
+def _image_prepare(data_dir: os.PathLike[str]) -> str:
+  """The command that prepares the image corpora, whose captions train the tokenizer."""
+  from big_embed.data import corpora  # pylint: disable=g-import-not-at-top  (TFDS: only when it is needed)
+  return prepare_command(data_dir, corpora.names("image"))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from big_embed.errors import ConfigError
 from big_embed.evaluate.encode import Encoder
 
 
@@ -40,11 +41,22 @@ def register(name: str):
 
 
 def build_evaluators(evals: ml_collections.ConfigDict, context: EvalContext) -> dict[str, Any]:
+  """Constructs every evaluator of `config.evals` (each reads its data now).
+
+  Raises:
+    ConfigError: an unknown type or a bad setting (the evaluator's ValueError, prefixed with its config path).
+  """
   out = {}
   for name, settings in evals.items():
-    if settings.type not in _TYPES:
-      raise ValueError(f"config.evals.{name}.type={settings.type!r} is unknown; known types: {sorted(_TYPES)}")
-    out[name] = _TYPES[settings.type](settings, context)
+    kind = settings.get("type")
+    if kind not in _TYPES:
+      raise ConfigError(f"config.evals.{name}.type={kind!r} is unknown; known types: {sorted(_TYPES)}")
+    try:
+      out[name] = _TYPES[kind](settings, context)
+    except ValueError as err:
+      if isinstance(err, ConfigError):
+        raise
+      raise ConfigError(f"config.evals.{name}: {err}") from err
   return out
 
 

@@ -1,22 +1,26 @@
 """Text-embedding evaluators: STS correlation, text retrieval, linear probe, multi-label tagging.
 
-Each reads a prepared text dataset with `sources.open_split` and embeds texts with the context's
+Each reads a prepared text dataset with `sources.read_all` and embeds texts with the context's
 `encode_texts(params, texts, role, desc=None) -> float32 [N, D]` (role "query" or "doc"). Every evaluator accepts
 `dims` (a tuple of prefix widths, empty = off): its metrics are then also reported as "<metric>@d<dim>", computed on
 the first <dim> embedding dimensions re-normalised (a Matryoshka curve).
 
-Settings (config.evals.<name>, besides `type`):
-  sts:            dataset (lee50 | wordsim353 | simlex999), split="test", dims=()
+Which corpora an evaluator reads, and its default fields, are the corpus registry's (`big_embed.data.corpora`:
+each corpus's `sts`, `retrieval`, `probe` and `multilabel` entries; e.g. retrieval on wordnet defaults to
+definition -> lemmas). Settings (config.evals.<name>, besides `type`):
+  sts:            dataset (an STS corpus: lee50, wordsim353, simlex999), split="test", dims=()
                   -> spearman, pearson of the cosine similarity of text_a / text_b (both role "doc") with score.
-  text_retrieval: dataset (bible | wordnet | debian_packages | foldoc), query_field, doc_field (per-dataset
-                  defaults), split="test", max_queries=0 (all), max_docs=0 (all; else the queries' documents plus a
-                  fixed sample of the others), msd_mode="" ("" off | sorted | release), dims=()
+  text_retrieval: dataset (bible, wordnet, debian_packages, foldoc, ...), query_field, doc_field (any text field;
+                  "" = the corpus's defaults), split="test", max_queries=0 (all), max_docs=0 (all; else the queries'
+                  documents plus a fixed sample of the others), msd_mode="" ("" off | sorted | release), dims=()
                   -> recall@1, recall@10, mrr@10, ndcg@10 [, msd].
-  linear_probe:   dataset (fortunes | wordnet | debian_packages), text_field, label_field (defaults per dataset),
-                  train_split="train", test_split="test", max_train=0, max_test=0 (all), steps=500,
-                  learning_rate=0.01, weight_decay=1e-4, dims=() -> accuracy.
-  multilabel:     dataset (debian_packages), text_field="description", label_field="tags", split="test",
-                  max_queries=0, dims=() -> p@1, p@5.
+  linear_probe:   dataset (fortunes, wordnet, debian_packages, ...), text_field, label_field (a ClassLabel field;
+                  "" = the corpus's defaults), train_split="train", test_split="test", max_train=0, max_test=0 (all),
+                  steps=500, learning_rate=0.01, weight_decay=1e-4, dims=() -> accuracy.
+  multilabel:     dataset (debian_packages, ...), text_field, label_field (a Sequence(ClassLabel) field; "" = the
+                  corpus's defaults: description, tags), split="test", max_queries=0, dims=()
+                  -> p@1, p@5, recall@5 (the share of a row's labels in its top 5), hit_rate@5 (some label in the
+                  top 5), map (mean average precision), ndcg@5.
 """
 
 from __future__ import annotations
@@ -27,37 +31,13 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from big_embed.data import sources
-from big_embed.data import text_pipeline
+from big_embed.data import corpora, sources
+from big_embed.data.text_records import as_text, humanize_label
 from big_embed.evaluate import registry
 from big_embed.evaluate import text_metrics as tm
 
 SUBSET_SEED = 0  # max_queries / max_train / max_test pick the same records every time
 _QUERY_CHUNK = 1024  # retrieval query rows scored at once: bounds memory to _QUERY_CHUNK x corpus size
-
-# Text fields (Text or Sequence(Text)) of each dataset; a Sequence(Text) field is joined with ", ".
-TEXT_FIELDS = {
-    "bible": ("id", "book", "kjv", "web"),
-    "wordnet": ("id", "lemmas", "definition", "examples"),
-    "debian_packages": ("package", "summary", "description"),
-    "fortunes": ("text",),
-    "foldoc": ("term", "definition", "categories"),
-}
-STS_DATASETS = ("lee50", "wordsim353", "simlex999")
-RETRIEVAL_FIELDS = {  # dataset -> default (query_field, doc_field)
-    "bible": ("kjv", "web"),
-    "wordnet": ("definition", "lemmas"),
-    "debian_packages": ("summary", "description"),
-    "foldoc": ("definition", "term"),
-}
-PROBE_FIELDS = {  # dataset -> default (text_field, ClassLabel field)
-    "fortunes": ("text", "category"),
-    "wordnet": ("definition", "lexname"),
-    "debian_packages": ("summary", "section"),
-}
-PROBE_LABEL_FIELDS = {"fortunes": ("category",), "wordnet": ("lexname",), "debian_packages": ("section",)}
-MULTILABEL_FIELDS = {"debian_packages": ("description", "tags")}
-MULTILABEL_LABEL_FIELDS = {"debian_packages": ("tags",)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,14 +93,21 @@ class _Settings:
     return tuple(int(d) for d in v)
 
 
-def _fields(s: _Settings, names: tuple[str, ...], defaults: tuple[str, ...],
-            options: tuple[Sequence[str], ...]) -> list[str]:
-  """Fills empty field settings with their defaults and checks each against its options."""
+def _corpus(s: _Settings, evaluator: str) -> corpora.Corpus:
+  """The `dataset` setting's corpus, one whose registry entry gives defaults for `evaluator` ("sts", ...)."""
+  readable = [c.name for c in corpora.entries("text") if getattr(c, evaluator) is not None]
+  return corpora.get(s.choice("dataset", readable))
+
+
+def _fields(s: _Settings, corpus: corpora.Corpus, evaluator: str, names: tuple[str, ...],
+            kinds: tuple[tuple[str, ...], ...]) -> list[str]:
+  """Fills empty field settings with the corpus's `evaluator` defaults and checks each is one of its fields of the
+  given kinds."""
   out = []
-  for name, default, allowed in zip(names, defaults, options):
+  for name, default, allowed in zip(names, getattr(corpus, evaluator), kinds):
     if s.values[name] in ("", None):
       s.values[name] = default
-    out.append(s.choice(name, allowed))
+    out.append(s.choice(name, corpus.fields_of(*allowed)))
   return out
 
 
@@ -189,14 +176,16 @@ class STS:
 
   def __init__(self, settings, ctx):
     s = _Settings(settings, "sts", {"dataset": "", "split": "test", "dims": ()})
-    self.dataset, self.split, self.dims = s.choice("dataset", STS_DATASETS), s.string("split"), s.dims()
+    corpus = _corpus(s, "sts")
+    self.dataset, self.split, self.dims = corpus.name, s.string("split"), s.dims()
     self.ctx = ctx
     records = sources.read_all(self.dataset, ctx.data_dir, self.split)
     if len(records) < 2:
       raise ValueError(f"sts: {self.dataset}/{self.split} has {len(records)} pairs; need at least 2")
-    self.text_a = [text_pipeline.as_text(_field(r, "text_a", self.dataset)) for r in records]
-    self.text_b = [text_pipeline.as_text(_field(r, "text_b", self.dataset)) for r in records]
-    self.scores = np.asarray([float(_field(r, "score", self.dataset)) for r in records], np.float64)  # [P]
+    a_field, b_field, score_field = corpus.sts
+    self.text_a = [as_text(_field(r, a_field, self.dataset)) for r in records]
+    self.text_b = [as_text(_field(r, b_field, self.dataset)) for r in records]
+    self.scores = np.asarray([float(_field(r, score_field, self.dataset)) for r in records], np.float64)  # [P]
 
   def run(self, params) -> dict[str, float]:
     emb = _embed_unique(self.ctx, params, self.text_a + self.text_b, "doc", f"sts {self.dataset}")  # [2P, D]
@@ -223,16 +212,16 @@ class TextRetrieval:
     s = _Settings(settings, "text_retrieval", {
         "dataset": "", "query_field": "", "doc_field": "", "split": "test", "max_queries": 0, "max_docs": 0,
         "msd_mode": "", "dims": ()})
-    self.dataset = s.choice("dataset", tuple(RETRIEVAL_FIELDS))
-    query_field, doc_field = _fields(s, ("query_field", "doc_field"), RETRIEVAL_FIELDS[self.dataset],
-                                     (TEXT_FIELDS[self.dataset],) * 2)
+    corpus = _corpus(s, "retrieval")
+    self.dataset = corpus.name
+    query_field, doc_field = _fields(s, corpus, "retrieval", ("query_field", "doc_field"), (corpora.TEXT_KINDS,) * 2)
     self.split, self.dims = s.string("split"), s.dims()
     max_queries, max_docs = s.count("max_queries"), s.count("max_docs")
     self.msd_mode = s.choice("msd_mode", ("",) + tm.MSD_MODES)
     self.ctx = ctx
     queries, docs = [], []
     for r in sources.read_all(self.dataset, ctx.data_dir, self.split):
-      q, d = text_pipeline.as_text(_field(r, query_field, self.dataset)), text_pipeline.as_text(_field(r, doc_field, self.dataset))
+      q, d = as_text(_field(r, query_field, self.dataset)), as_text(_field(r, doc_field, self.dataset))
       if q and d:
         queries.append(q)
         docs.append(d)
@@ -301,9 +290,10 @@ class LinearProbe:
     s = _Settings(settings, "linear_probe", {
         "dataset": "", "text_field": "", "label_field": "", "train_split": "train", "test_split": "test",
         "max_train": 0, "max_test": 0, "steps": 500, "learning_rate": 1e-2, "weight_decay": 1e-4, "dims": ()})
-    self.dataset = s.choice("dataset", tuple(PROBE_FIELDS))
-    self.text_field, self.label_field = _fields(s, ("text_field", "label_field"), PROBE_FIELDS[self.dataset],
-                                                (TEXT_FIELDS[self.dataset], PROBE_LABEL_FIELDS[self.dataset]))
+    corpus = _corpus(s, "probe")
+    self.dataset = corpus.name
+    self.text_field, self.label_field = _fields(s, corpus, "probe", ("text_field", "label_field"),
+                                                (corpora.TEXT_KINDS, ("class",)))
     train_split, test_split = s.string("train_split"), s.string("test_split")
     max_train, max_test = s.count("max_train"), s.count("max_test")
     self.steps = s.count("steps", minimum=1)
@@ -318,7 +308,7 @@ class LinearProbe:
   def _load(self, split: str, cap: int) -> tuple[list[str], np.ndarray]:
     texts, labels = [], []
     for r in sources.read_all(self.dataset, self.ctx.data_dir, split):
-      t = text_pipeline.as_text(_field(r, self.text_field, self.dataset))
+      t = as_text(_field(r, self.text_field, self.dataset))
       label = np.asarray(_field(r, self.label_field, self.dataset))
       if label.ndim:
         raise ValueError(f"linear_probe: {self.dataset} field {self.label_field!r} is not a single class label")
@@ -349,25 +339,26 @@ class MultiLabel:
   """Tag retrieval: rank every label's text (role "doc") for each query text (role "query"); precision@1 / @5.
 
   Records without a label are skipped; labels are the names of the dataset's Sequence(ClassLabel) field, made
-  readable by `text_pipeline.humanize_label`.
+  readable by `text_records.humanize_label`.
   """
 
   def __init__(self, settings, ctx):
     s = _Settings(settings, "multilabel", {
         "dataset": "debian_packages", "text_field": "", "label_field": "", "split": "test", "max_queries": 0,
         "dims": ()})
-    self.dataset = s.choice("dataset", tuple(MULTILABEL_FIELDS))
-    text_field, label_field = _fields(s, ("text_field", "label_field"), MULTILABEL_FIELDS[self.dataset],
-                                      (TEXT_FIELDS[self.dataset], MULTILABEL_LABEL_FIELDS[self.dataset]))
+    corpus = _corpus(s, "multilabel")
+    self.dataset = corpus.name
+    text_field, label_field = _fields(s, corpus, "multilabel", ("text_field", "label_field"),
+                                      (corpora.TEXT_KINDS, ("class_seq",)))
     split, max_queries, self.dims = s.string("split"), s.count("max_queries"), s.dims()
     self.ctx = ctx
-    names = _class_names(sources.make_builder(self.dataset, ctx.data_dir).info.features[label_field])
+    names = _class_names(sources.features(self.dataset, ctx.data_dir)[label_field])
     if len(names) < 5:
       raise ValueError(f"multilabel: {self.dataset} field {label_field!r} has {len(names)} labels; p@5 needs 5")
-    self.label_texts = [text_pipeline.humanize_label(n) for n in names]  # [L]
+    self.label_texts = [humanize_label(n) for n in names]  # [L]
     texts, labels = [], []
     for r in sources.read_all(self.dataset, ctx.data_dir, split):
-      t = text_pipeline.as_text(_field(r, text_field, self.dataset))
+      t = as_text(_field(r, text_field, self.dataset))
       ids = np.asarray(_field(r, label_field, self.dataset), np.int64).reshape(-1)
       if t and len(ids):
         texts.append(t)
@@ -385,6 +376,9 @@ class MultiLabel:
 
     def metrics(dim):
       scores = _normalise(q_emb, dim) @ _normalise(l_emb, dim).T  # [Q, L]
-      return {"p@1": tm.precision_at_k(scores, self.labels, 1), "p@5": tm.precision_at_k(scores, self.labels, 5)}
+      ranks = tm.relevant_ranks(scores, self.labels)
+      return {"p@1": tm.precision_at_k(scores, self.labels, 1), "p@5": tm.precision_at_k(scores, self.labels, 5),
+              "recall@5": tm.recall_from_ranks(ranks, 5), "hit_rate@5": tm.hit_rate_from_ranks(ranks, 5),
+              "map": tm.map_from_ranks(ranks), "ndcg@5": tm.ndcg_from_ranks(ranks, 5)}
 
     return _curve(metrics, self.dims)

@@ -17,7 +17,15 @@ def class_embeddings(encoder, params, tokenizer, class_names, templates, max_len
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-  topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  """Top-k accuracy in [0, 1]: the fraction of rows whose true class is among their k highest-scoring classes.
+
+  scores: [N, C]; labels: [N] int class ids; k >= 1 (k >= C counts every row). Ties go to the lower class index
+  (a stable sort), the rule of every ranking metric in big_embed.evaluate: a true class tied with a lower-index one
+  ranks after it, so a collapsed model (all scores equal) gets the share of rows with labels < k, not 100%.
+  """
+  if k < 1:
+    raise ValueError(f"top-k accuracy needs k >= 1, got {k}")
+  topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, min(k, C)]
   return float(np.mean(np.any(topk == labels[:, None], axis=1)))
 
 
@@ -27,9 +35,10 @@ class ZeroShot:
 
   def __init__(self, settings, ctx: registry.EvalContext):
     self.ctx = ctx
-    data = pipeline.load_zero_shot_set(ctx.data_dir, image_size=ctx.image_size, split=settings.split)
+    data = pipeline.load_zero_shot_set(settings.dataset, ctx.data_dir, image_size=ctx.image_size,
+                                       split=settings.split)
     self.images, self.labels, self.class_names = data["images"], data["labels"], data["class_names"]
-    self.templates = list(settings.get("templates", None) or pipeline.PROMPT_TEMPLATES)
+    self.templates = list(settings.get("templates", None) or data["templates"])
     self.desc = f"zero-shot {settings.dataset}"
 
   def run(self, params) -> dict[str, float]:

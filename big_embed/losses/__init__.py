@@ -1,19 +1,22 @@
 """Contrastive and distillation losses, selectable by `config.loss.name` (see `registry`).
 
-The contrastive losses are thin functions over the tiled similarity engine (`engine`).
+Every module of this package is imported here, and each loss module registers its losses (`registry.register`),
+so adding a loss is adding one module. The contrastive losses are thin functions over the tiled similarity
+engine (`engine`); `resolve` turns a recipe's partial loss config into the complete, validated one.
 """
 
-from big_embed.losses import clip  # noqa: F401  (registers "clip")
-from big_embed.losses import siglip  # noqa: F401  (registers "siglip")
-from big_embed.losses import softclip  # noqa: F401  (registers "softclip")
-from big_embed.losses import lightclip  # noqa: F401  (registers "lightclip")
-from big_embed.losses import infonce  # noqa: F401  (registers "infonce")
-from big_embed.losses import peg  # noqa: F401  (registers "peg")
-from big_embed.losses import teacher_kl  # noqa: F401  (registers "teacher_kl")
-from big_embed.losses import dexml  # noqa: F401  (registers "dexml")
-from big_embed.losses import pairwise  # noqa: F401  (registers "cosent")
-from big_embed.losses import distill  # noqa: F401  (registers "disco_mse", "logit_kd", "sinkd", "repcon_kd")
-from big_embed.losses import matryoshka  # noqa: F401  (registers "matryoshka")
-from big_embed.losses import hybrid  # noqa: F401  (registers "hybrid")
-from big_embed.losses import similarity_kd  # noqa: F401  (registers "similarity_kd")
-from big_embed.losses.registry import LossSpec, get, loss_config, names  # noqa: F401
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from big_embed.losses.registry import LossSpec, get, loss_config, names, resolve, task_types  # noqa: F401
+
+
+def import_loss_modules() -> None:
+  """Imports every module on this package's path (again-imported modules are not re-run)."""
+  for module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{module.name}")
+
+
+import_loss_modules()

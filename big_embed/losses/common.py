@@ -1,12 +1,19 @@
-"""Shared pieces of the engine-based losses: config fields and checks, the logit-scale parameter, inputs.
+"""Shared pieces of the losses: config fields and checks, the logit scale, inputs, and the engine-loss builder.
 
-Config checks raise `ValueError` naming the field (`config.loss.<field>`) and the allowed range; they run in
-`LossSpec.validate`, before anything compiles. Input checks (`array`, `pair_inputs`) run when the loss is
-traced and name the `emb` / `batch` key.
+Config checks raise `ConfigError` naming the field (`config.loss.<field>`, or its path inside a sub-loss) and the
+allowed range; they run in `LossSpec.validate` when the config is resolved, before anything compiles. Input
+checks (`array`, `pair_inputs`) run when the loss is traced and name the `emb` / `batch` key.
+
+Every loss with a logit scale κ uses the same three fields (`scale_fields`):
+
+    temperature            τ, κ = 1/τ: fixed, or the initial value of the learnable param t = log(1/τ), κ = exp(t)
+    learnable_temperature  bool
+    max_logit_scale        after every optimizer update t is clamped to [0, log max_logit_scale]; inf = no clamp
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -14,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_embed.errors import ConfigError
 from big_embed.losses import engine
+from big_embed.losses import registry
 
 
 def engine_fields(key_mode: str = "gather") -> dict:
@@ -25,23 +34,19 @@ def engine_fields(key_mode: str = "gather") -> dict:
   )
 
 
-def scale_fields(temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0) -> dict:
-  """The CLIP-style learnable temperature: t = log(1/temperature), κ = exp(t), clamp t to [0, log max]."""
-  return dict(temperature_init=temperature, learnable_temperature=learnable, max_logit_scale=max_logit_scale)
+def scale_fields(temperature: float, learnable: bool, max_logit_scale: float = 100.0) -> dict:
+  """The logit-scale fields (module docstring) with a loss's defaults."""
+  return dict(temperature=temperature, learnable_temperature=learnable, max_logit_scale=max_logit_scale)
 
 
 # ------------------------------------------------------------------------------------------------
 # Checks.
 
 
-def _name(field):
-  return f"config.loss.{field}"
-
-
 def check_positive(cfg, field: str):
   v = cfg[field]
   if not isinstance(v, numbers.Real) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
-    raise ValueError(f"{_name(field)} must be a finite number > 0, got {v!r}")
+    raise ConfigError(f"{registry.field_path(field)} must be a finite number > 0, got {v!r}")
 
 
 def check_range(cfg, field: str, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
@@ -57,17 +62,37 @@ def check_range(cfg, field: str, lo=None, hi=None, lo_open=False, hi_open=False,
     lb = "(-inf" if lo is None else ("(" if lo_open else "[") + str(lo)
     ub = "inf)" if hi is None else str(hi) + (")" if hi_open else "]")
     what = "an int" if integer else "a number"
-    raise ValueError(f"{_name(field)} must be {what} in {lb}, {ub}, got {v!r}")
+    raise ConfigError(f"{registry.field_path(field)} must be {what} in {lb}, {ub}, got {v!r}")
 
 
 def check_choice(cfg, field: str, choices):
   if cfg[field] not in choices:
-    raise ValueError(f"{_name(field)} must be one of {tuple(choices)}, got {cfg[field]!r}")
+    raise ConfigError(f"{registry.field_path(field)} must be one of {tuple(choices)}, got {cfg[field]!r}")
 
 
 def check_bool(cfg, field: str):
   if not isinstance(cfg[field], (bool, np.bool_)):
-    raise ValueError(f"{_name(field)} must be True or False, got {cfg[field]!r}")
+    raise ConfigError(f"{registry.field_path(field)} must be True or False, got {cfg[field]!r}")
+
+
+def check_key(cfg, *fields: str):
+  """Each field names an emb / batch key: a non-empty str."""
+  for field in fields:
+    if not (isinstance(cfg[field], str) and cfg[field]):
+      raise ConfigError(f"{registry.field_path(field)} must be a non-empty emb or batch key, got {cfg[field]!r}")
+
+
+def check_towers(cfg, field: str = "towers", n: int = 2):
+  towers = tuple(cfg[field])
+  if len(towers) != n or not all(isinstance(t, str) and t for t in towers) or len(set(towers)) != n:
+    raise ConfigError(f"{registry.field_path(field)} must be {n} distinct emb keys, got {towers!r}")
+
+
+def check_same_length(cfg, a: str, b: str):
+  """cfg[a] and cfg[b] are non-empty and of equal length (e.g. student and teacher keys)."""
+  if not cfg[a] or len(cfg[a]) != len(cfg[b]):
+    raise ConfigError(f"{registry.field_path(a)} and {registry.field_path(b)} must be non-empty and of equal "
+                      f"length, got {tuple(cfg[a])} and {tuple(cfg[b])}")
 
 
 def check_engine(cfg):
@@ -76,15 +101,9 @@ def check_engine(cfg):
 
 
 def check_scale(cfg):
-  check_positive(cfg, "temperature_init")
+  check_positive(cfg, "temperature")
   check_bool(cfg, "learnable_temperature")
   check_range(cfg, "max_logit_scale", lo=1.0)
-
-
-def check_towers(cfg, field: str = "towers", n: int = 2):
-  towers = tuple(cfg[field])
-  if len(towers) != n or not all(isinstance(t, str) and t for t in towers) or len(set(towers)) != n:
-    raise ValueError(f"{_name(field)} must be {n} distinct emb keys, got {towers!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,25 +111,21 @@ def check_towers(cfg, field: str = "towers", n: int = 2):
 
 
 def init_scale(cfg) -> dict:
-  return {"logit_scale": jnp.asarray(np.log(1.0 / cfg.temperature_init), jnp.float32)}
+  """{"logit_scale": t = log(1/temperature)} for a learnable temperature, else {} (κ = 1/τ is fixed)."""
+  if not cfg.learnable_temperature:
+    return {}
+  return {"logit_scale": jnp.asarray(np.log(1.0 / cfg.temperature), jnp.float32)}
 
 
 def clamp_scale(cfg, params: dict) -> dict:
-  if "logit_scale" not in params:
+  """t clamped to [0, log max_logit_scale] (open_clip); unchanged without the param or with max = inf."""
+  if "logit_scale" not in params or math.isinf(cfg.max_logit_scale):
     return params
   return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, np.log(cfg.max_logit_scale))}
 
 
 def logit_scale(cfg, params: dict) -> jax.Array:
-  """κ = exp(t) in float32; t is stop-gradiented unless `learnable_temperature`."""
-  t = jnp.asarray(params["logit_scale"], jnp.float32)
-  if not cfg.learnable_temperature:
-    t = jax.lax.stop_gradient(t)
-  return jnp.exp(t)
-
-
-def optional_scale(cfg, params: dict) -> jax.Array:
-  """Losses with a fixed `temperature` unless `learnable_temperature` (then params["logit_scale"])."""
+  """κ in float32: exp(params["logit_scale"]) when learnable, else 1/temperature."""
   if cfg.learnable_temperature:
     return jnp.exp(jnp.asarray(params["logit_scale"], jnp.float32))
   return jnp.asarray(1.0 / cfg.temperature, jnp.float32)
@@ -135,17 +150,72 @@ def array(table: dict, key: str, where: str, shape=None, ndim=None, required=Tru
   return x
 
 
-def pair_inputs(cfg, emb: dict, batch: dict, ids: bool = True) -> dict:
-  """Two towers' embeddings [B, D] (float32) with optional batch["valid"] [B] and batch["ids"] [B]."""
+def source(emb: dict, batch: dict, name: str) -> tuple[dict, str]:
+  """(table, its name) of a `teacher_from`-style field: "emb" or "batch"."""
+  return (emb, "emb") if name == "emb" else (batch, "batch")
+
+
+def pair_inputs(cfg, emb: dict, batch: dict, ids: bool = True, key_mask: bool = False) -> dict:
+  """Two towers' embeddings [B, D] (float32) with optional batch["valid"] [B], batch["ids"] [B] and
+  batch["key_mask"] [B, B] (also transposed, "key_mask_t", for the reverse direction)."""
   a_key, b_key = cfg.towers
   a = array(emb, a_key, "emb", ndim=2).astype(jnp.float32)
   b = array(emb, b_key, "emb", shape=a.shape).astype(jnp.float32)
+  n = a.shape[0]
   out = {"a": a, "b": b}
-  valid = array(batch, "valid", "batch", shape=a.shape[:1], required=False)
+  valid = array(batch, "valid", "batch", shape=(n,), required=False)
   if valid is not None:
     out["valid"] = valid.astype(bool)
   if ids:
-    i = array(batch, "ids", "batch", shape=a.shape[:1], required=False)
+    i = array(batch, "ids", "batch", shape=(n,), required=False)
     if i is not None:
       out["ids"] = i.astype(jnp.int32)
+  if key_mask:
+    m = array(batch, "key_mask", "batch", shape=(n, n), required=False)
+    if m is not None:
+      out["key_mask"] = m.astype(bool)
+      out["key_mask_t"] = m.astype(bool).T
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine-based losses: scale -> shard_map(local rows) -> metrics.
+
+
+def default_values(cfg, loss_params: dict, step) -> dict:
+  del step
+  return {"logit_scale": logit_scale(cfg, loss_params)}
+
+
+def engine_loss(cfg, mesh, inputs, local, values=default_values) -> registry.LossFn:
+  """The loss_fn of an engine-based loss.
+
+  Args:
+    cfg: the resolved loss config.
+    mesh: the device mesh (None: one shard).
+    inputs: inputs(cfg, emb, batch) -> dict of batch-sharded arrays (shape-checked).
+    local: local(cfg, s, r, shards) -> (loss, metrics) on the local shard `s` inside `shard_map`, with `r` the
+      replicated values; metrics must be reduced over the shards already.
+    values: values(cfg, loss_params, step) -> dict of replicated float32 scalars (default {"logit_scale": κ});
+      they are logged with the metrics.
+  """
+
+  def loss_fn(emb, batch, loss_params, step):
+    r = values(cfg, loss_params, step)
+    loss, metrics = engine.shard(functools.partial(local, cfg), mesh, inputs(cfg, emb, batch), r)
+    return loss, {**metrics, **r}
+
+  return loss_fn
+
+
+def register_engine_loss(name: str, default_config, validate, inputs, local, values=default_values,
+                         init_params=init_scale, task_types=("retrieval",)) -> registry.LossSpec:
+  """Registers an engine-based loss (`engine_loss`) with the logit-scale init and clamp."""
+
+  def build(cfg, mesh, task=None):
+    del task
+    return engine_loss(cfg, mesh, inputs, local, values)
+
+  return registry.register(registry.LossSpec(
+      name=name, build=build, default_config=default_config, init_params=init_params, clamp_params=clamp_scale,
+      validate=validate, task_types=task_types))

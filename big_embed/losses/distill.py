@@ -13,7 +13,8 @@
   {row-normalise; column-normalise} (plain Sinkhorn–Knopp, unrolled through autodiff). The "log" mode runs
   the same iteration on log K with log-sum-exp, which never under/overflows (the plain one gives NaN once a
   whole row of exp(−W/ε) underflows, W/ε ≳ 87 in float32; with W ≤ 2 and ε = 0.1, W/ε ≤ 20 is safe); both
-  agree wherever the plain one is finite. Optional per-epoch temperature
+  agree wherever the plain one is finite. The registered loss rejects the plain mode when 2/ε > 87 (ε < 0.023),
+  where it can underflow. Optional per-epoch temperature
   annealing of the KD term, `T_e = T + (1−T)·e/(E−1)`. This is the intended combination; the released
   training script only adds `β·L_sink` under a differently named loss key, so its "kd+sinkhorn" runs never
   used it.
@@ -32,17 +33,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+import numpy as np
 from jax import lax
 
+from big_embed.errors import ConfigError
 from big_embed.losses import common
 from big_embed.losses import registry
-from big_embed.losses.engine import l2_normalize
+from big_embed.ops import l2_normalize
 
 KD_MODES = ("kl", "reverse_kl", "js", "soft_ce", "mse")
 SINKHORN_MODES = ("plain", "log")
 REDUCTIONS = ("sum", "mean")
 SOURCES = ("batch", "emb")
+# exp(−x) of float32 is a normal number for x <= −log(smallest normal) ≈ 87.3; the cost W is at most 2.
+_PLAIN_SINKHORN_MIN_EPSILON = 2.0 / -float(np.log(np.finfo(np.float32).tiny))
 
 # ----------------------------------------------------------------------------------------------------------
 # Functions.
@@ -138,26 +142,14 @@ def embedding_mse(student: jax.Array, teacher: jax.Array, reduction: str = "sum"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared plumbing for the registered losses.
+# Inputs of the registered losses.
 
 
-def _fetch(emb, batch, key, source, what):
-  table = emb if source == "emb" else batch
-  if key not in table:
-    raise ValueError(f"{what}: {source} has no {key!r}; keys: {sorted(table)}")
-  return table[key]
-
-
-def _check_same(s, t, s_name, t_name, what, ndim=2):
-  if s.ndim != ndim or s.shape != t.shape:
-    raise ValueError(f"{what}: {s_name} and {t_name} must both be {ndim}-D with equal shapes, "
-                     f"got {s.shape} and {t.shape}")
-
-
-def _check_pairs(cfg, s_field, t_field):
-  if not cfg[s_field] or len(cfg[s_field]) != len(cfg[t_field]):
-    raise ValueError(f"config.loss.{s_field} and config.loss.{t_field} must be non-empty and of equal length, "
-                     f"got {tuple(cfg[s_field])} and {tuple(cfg[t_field])}")
+def _pair(emb, batch, s_key, t_key, teacher_from, ndim=2):
+  """(student emb[s_key], teacher <teacher_from>[t_key]) of equal shapes, each with `ndim` dims."""
+  s = common.array(emb, s_key, "emb", ndim=ndim)
+  table, where = common.source(emb, batch, teacher_from)
+  return s, common.array(table, t_key, where, shape=s.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,46 +168,21 @@ def _disco_config():
   )
 
 
-def _disco_inner(cfg):
-  inner = cfg.get("inner")
-  if inner is None:
-    return None
-  if not isinstance(inner, ml_collections.ConfigDict) or "name" not in inner:
-    raise ValueError("config.loss.inner must be None or a loss sub-config with a `name`")
-  return registry.get(inner.name)
-
-
 def _disco_validate(cfg):
-  _check_pairs(cfg, "students", "teachers")
+  common.check_same_length(cfg, "students", "teachers")
   common.check_choice(cfg, "teacher_from", SOURCES)
   common.check_choice(cfg, "reduction", REDUCTIONS)
   common.check_bool(cfg, "normalize_teacher")
   common.check_range(cfg, "weight", lo=0.0)
-  spec = _disco_inner(cfg)
-  if spec is not None:
-    spec.validate(cfg.inner)
 
 
-def _disco_init(cfg):
-  spec = _disco_inner(cfg)
-  return spec.init_params(cfg.inner) if spec else {}
-
-
-def _disco_clamp(cfg, params):
-  spec = _disco_inner(cfg)
-  return spec.clamp_params(cfg.inner, params) if spec else params
-
-
-def _disco_build(cfg, mesh):
-  spec = _disco_inner(cfg)
-  inner_fn = spec.build(cfg.inner, mesh) if spec else None
+def _disco_build(cfg, mesh, task=None):
+  inner_fn = registry.build_inner(cfg, mesh, task, optional=True)
 
   def loss_fn(emb, batch, loss_params, step):
     metrics, mse = {}, 0.0
     for s_key, t_key in zip(cfg.students, cfg.teachers):
-      s = _fetch(emb, batch, s_key, "emb", "disco_mse")
-      t = _fetch(emb, batch, t_key, cfg.teacher_from, "disco_mse")
-      _check_same(s, t, f"emb[{s_key!r}]", f"{cfg.teacher_from}[{t_key!r}]", "disco_mse")
+      s, t = _pair(emb, batch, s_key, t_key, cfg.teacher_from)
       if cfg.normalize_teacher:
         t = l2_normalize(t)
       term = embedding_mse(s, t, cfg.reduction)
@@ -255,14 +222,12 @@ def _kd_validate(cfg):
   common.check_range(cfg, "weight", lo=0.0)
 
 
-def _kd_build(cfg, mesh):
-  del mesh
+def _kd_build(cfg, mesh, task=None):
+  del mesh, task
 
   def loss_fn(emb, batch, loss_params, step):
     del loss_params, step
-    zs = _fetch(emb, batch, cfg.student, "emb", "logit_kd")
-    zt = _fetch(emb, batch, cfg.teacher, cfg.teacher_from, "logit_kd")
-    _check_same(zs, zt, f"emb[{cfg.student!r}]", f"{cfg.teacher_from}[{cfg.teacher!r}]", "logit_kd")
+    zs, zt = _pair(emb, batch, cfg.student, cfg.teacher, cfg.teacher_from)
     t = float(cfg.temperature)
     kd = jnp.mean(kd_divergence(zs, zt, t, cfg.mode)) * (t * t if cfg.t2_factor else 1.0)
     loss = cfg.weight * kd
@@ -311,17 +276,20 @@ def _sinkd_validate(cfg):
   common.check_range(cfg, "alpha", lo=0.0, hi=1.0)
   common.check_bool(cfg, "t2_factor")
   common.check_bool(cfg, "kd_anneal")
+  if cfg.sinkhorn_mode == "plain" and cfg.sinkhorn_epsilon < _PLAIN_SINKHORN_MIN_EPSILON:
+    raise ConfigError(
+        f"{registry.field_path('sinkhorn_epsilon')}={cfg.sinkhorn_epsilon} with sinkhorn_mode='plain' can underflow "
+        f"exp(-W/ε) to 0 in float32 (W/ε up to 2/ε = {2 / cfg.sinkhorn_epsilon:.0f} > 87) and give NaN; use "
+        f"{registry.field_path('sinkhorn_mode')}='log' or sinkhorn_epsilon >= {_PLAIN_SINKHORN_MIN_EPSILON:.3f}")
 
 
-def _sinkd_build(cfg, mesh):
-  del mesh
+def _sinkd_build(cfg, mesh, task=None):
+  del mesh, task
   alpha, beta = float(cfg.alpha), float(cfg.beta)
 
   def loss_fn(emb, batch, loss_params, step):
     del loss_params
-    zs = _fetch(emb, batch, cfg.student, "emb", "sinkd")
-    zt = _fetch(emb, batch, cfg.teacher, cfg.teacher_from, "sinkd")
-    _check_same(zs, zt, f"emb[{cfg.student!r}]", f"{cfg.teacher_from}[{cfg.teacher!r}]", "sinkd")
+    zs, zt = _pair(emb, batch, cfg.student, cfg.teacher, cfg.teacher_from)
     if cfg.kd_anneal:
       t = annealed_temperature(float(cfg.kd_temperature), step, int(cfg.steps_per_epoch),
                                int(cfg.anneal_epochs))
@@ -335,9 +303,7 @@ def _sinkd_build(cfg, mesh):
     loss = alpha * kd + beta * sink
     metrics = {"kd": kd, "sinkhorn": sink, "kd_temperature": t}
     if alpha < 1:
-      labels = _fetch(emb, batch, cfg.label_key, "batch", "sinkd")
-      if labels.shape != zs.shape[:1]:
-        raise ValueError(f"sinkd: batch[{cfg.label_key!r}] must be [B]=[{zs.shape[0]}], got {labels.shape}")
+      labels = common.array(batch, cfg.label_key, "batch", shape=zs.shape[:1])
       ce = cross_entropy(zs, labels)
       loss = loss + (1.0 - alpha) * ce
       metrics["ce"] = ce
@@ -364,18 +330,18 @@ def _repcon_config():
 
 
 def _repcon_validate(cfg):
-  _check_pairs(cfg, "students", "teachers")
+  common.check_same_length(cfg, "students", "teachers")
   if len(cfg.weights) != len(cfg.students) or any(not w >= 0 for w in cfg.weights):
-    raise ValueError(f"config.loss.weights must be {len(cfg.students)} values >= 0 (one per teacher), "
-                     f"got {tuple(cfg.weights)}")
+    raise ConfigError(f"{registry.field_path('weights')} must be {len(cfg.students)} values >= 0 (one per "
+                      f"teacher), got {tuple(cfg.weights)}")
   common.check_choice(cfg, "mode", KD_MODES)
   common.check_choice(cfg, "teacher_from", SOURCES)
   common.check_positive(cfg, "temperature")
   common.check_bool(cfg, "t2_factor")
 
 
-def _repcon_build(cfg, mesh):
-  del mesh
+def _repcon_build(cfg, mesh, task=None):
+  del mesh, task
   t = float(cfg.temperature)
   factor = t * t if cfg.t2_factor else 1.0
 
@@ -383,9 +349,7 @@ def _repcon_build(cfg, mesh):
     del loss_params, step
     loss, metrics = 0.0, {}
     for s_key, t_key, w in zip(cfg.students, cfg.teachers, cfg.weights):
-      zs = _fetch(emb, batch, s_key, "emb", "repcon_kd")
-      zt = _fetch(emb, batch, t_key, cfg.teacher_from, "repcon_kd")
-      _check_same(zs, zt, f"emb[{s_key!r}]", f"{cfg.teacher_from}[{t_key!r}]", "repcon_kd")
+      zs, zt = _pair(emb, batch, s_key, t_key, cfg.teacher_from)
       kd = factor * jnp.mean(kd_divergence(zs, zt, t, cfg.mode))
       metrics[f"kd/{s_key}"] = kd
       loss = loss + float(w) * kd
@@ -395,9 +359,8 @@ def _repcon_build(cfg, mesh):
   return loss_fn
 
 
-DISCO_SPEC = registry.register(registry.LossSpec(
-    name="disco_mse", build=_disco_build, default_config=_disco_config, init_params=_disco_init,
-    clamp_params=_disco_clamp, validate=_disco_validate))
+DISCO_SPEC = registry.wrapper("disco_mse", _disco_build, _disco_config, _disco_validate,
+                              task_types=("retrieval",), optional=True)
 KD_SPEC = registry.register(registry.LossSpec(
     name="logit_kd", build=_kd_build, default_config=_kd_config, validate=_kd_validate))
 SINKD_SPEC = registry.register(registry.LossSpec(

@@ -14,17 +14,24 @@ moves mass ε_t from the positive to the negatives as training goes on:
 Rows without negatives use ε = 0. Only the instance-level term is here; the token-level matching and MLM
 terms of the paper are model-side losses.
 
-Inputs: emb[towers[0]], emb[towers[1]] [B, D]; optional batch["valid"] [B]. Params: {"logit_scale": t}.
-Metrics: loss, epsilon, accuracy, logit_scale. Relation: `softclip` (targets from intra-modal features).
+The loss value is the soft cross-entropy H(Y_t, p) = KL(Y_t ‖ p) + H(Y_t); the target entropy H(Y_t) does not
+depend on the parameters (same gradients) but grows with ε_t, so the metric `kl` = KL(Y_t ‖ p) (0 for a perfect
+fit) is logged too:
+    H(Y_t,i) = −(1 − ε)·log(1 − ε) − ε·log ε − ε·Σ_j u_ij log u_ij,   Σ_j u_ij log u_ij = −log|N_i| (uniform)
+
+Inputs: emb[towers[0]], emb[towers[1]] [B, D]; optional batch["valid"] [B]. Params: {"logit_scale": t} (CLIP's
+fields and defaults). Metrics: loss (soft CE), loss per direction, kl, epsilon, accuracy (top-1 is the row's
+positive), logit_scale. Relation: `softclip` (targets from intra-modal features).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.scipy.special import xlogy
 
 from big_embed.losses import common
 from big_embed.losses import engine
-from big_embed.losses import registry
+from big_embed.losses import infonce
 
 MODES = ("uniform", "similarity")
 SCHEDULES = ("linear", "cosine", "step")
@@ -33,7 +40,7 @@ SCHEDULES = ("linear", "cosine", "step")
 def _default_config():
   return dict(
       towers=("image", "text"),
-      **common.scale_fields(),
+      **common.scale_fields(0.07, True),
       soft_neg_mode="uniform",       # "uniform" | "similarity"
       epsilon_max=0.1,               # final mass on the negatives (unverified; 0.1–0.2)
       schedule="linear",             # "linear" | "cosine" | "step"
@@ -70,53 +77,45 @@ def epsilon(step, epsilon_max: float, schedule: str, ramp_steps: int, step_stage
   return epsilon_max * r
 
 
-def lightclip_loss_local(a, b, *, shards, scale, eps, mode="uniform", similarity_temperature=1.0,
-                         valid=None, tile_size=1024, key_mode="gather"):
-  """Soft-target symmetric CE on local shards a, b [B_local, D] with negative mass eps (scalar)."""
+def _values(cfg, loss_params, step):
+  return {"logit_scale": common.logit_scale(cfg, loss_params),
+          "epsilon": epsilon(step, cfg.epsilon_max, cfg.schedule, cfg.ramp_steps, cfg.step_stages)}
+
+
+def _inputs(cfg, emb, batch):
+  return common.pair_inputs(cfg, emb, batch, ids=False)
+
+
+def _local(cfg, s, r, shards):
+  """Soft-target symmetric CE on the local shards a, b [B_local, D] with negative mass r["epsilon"]."""
   stats = {"lse": engine.lse("pool"), "pos": engine.total("pos"), "pos_count": engine.count("pos"),
-           "neg_count": engine.count("neg"), "pos_max": engine.maximum("pos"), "neg_max": engine.maximum("neg")}
-  if mode == "uniform":
+           "neg_count": engine.count("neg"), **engine.top1_stats()}
+  if cfg.soft_neg_mode == "uniform":
     stats["neg_sum"] = engine.total("neg")
   else:
-    stats["u"] = engine.soft("neg", lambda t: t.s / similarity_temperature)
-  losses, accs = [], []
-  for q, k in ((a, b), (b, a)):
-    rows, cols, _ = engine.retrieval_layout(q, k, shards=shards, valid=valid)
-    st = engine.reduce_rows(stats, rows, cols, scale=scale, tile_size=tile_size, key_mode=key_mode,
-                            shards=shards)
+    stats["u"] = engine.soft("neg", lambda t: t.s / cfg.similarity_temperature)
+  losses, kls, accs = [], [], []
+  for q, k in ((s["a"], s["b"]), (s["b"], s["a"])):
+    rows, cols, _ = infonce.retrieval_layout(q, k, shards=shards, valid=s.get("valid"))
+    st = engine.reduce_rows(stats, rows, cols, scale=r["logit_scale"], tile_size=cfg.tile_size,
+                            key_mode=cfg.key_mode, shards=shards)
     ok = st["pos_count"] > 0
     has_neg = st["neg_count"] > 0
-    if mode == "uniform":
+    if cfg.soft_neg_mode == "uniform":
       neg_mean = st["neg_sum"] / jnp.maximum(st["neg_count"], 1.0)
+      u_log_u = -jnp.log(jnp.maximum(st["neg_count"], 1.0))  # Σ_j u_ij log u_ij
     else:
       neg_mean = st["u"]["s"]
-    e = jnp.where(has_neg, eps, 0.0)
+      u_log_u = jnp.where(has_neg, st["u"]["a"] - jnp.where(has_neg, st["u"]["lse"], 0.0), 0.0)
+    e = jnp.where(has_neg, r["epsilon"], 0.0)
     ce = jnp.where(ok, st["lse"] - (1.0 - e) * st["pos"] - e * neg_mean, 0.0)
+    target_entropy = -xlogy(1.0 - e, 1.0 - e) - xlogy(e, e) - e * u_log_u
     losses.append(engine.global_mean(ce, ok, shards))
-    accs.append(engine.global_mean((ok & (st["pos_max"] >= st["neg_max"])).astype(jnp.float32), ok, shards))
-  loss = 0.5 * (losses[0] + losses[1])
-  return loss, {"loss": loss, "loss_a2b": losses[0], "loss_b2a": losses[1], "accuracy": 0.5 * (accs[0] + accs[1])}
+    kls.append(engine.global_mean(ce - target_entropy, ok, shards))
+    accs.append(engine.top1_accuracy(st, ok, shards))
+  mean = lambda x: 0.5 * (x[0] + x[1])
+  loss = mean(losses)
+  return loss, {"loss": loss, "loss_a2b": losses[0], "loss_b2a": losses[1], "kl": mean(kls), "accuracy": mean(accs)}
 
 
-def _build(cfg, mesh):
-
-  def loss_fn(emb, batch, loss_params, step):
-    scale = common.logit_scale(cfg, loss_params)
-    inputs = common.pair_inputs(cfg, emb, batch, ids=False)
-    eps = epsilon(step, cfg.epsilon_max, cfg.schedule, cfg.ramp_steps, cfg.step_stages)
-
-    def local(s, r, shards):
-      return lightclip_loss_local(
-          s["a"], s["b"], shards=shards, scale=r["scale"], eps=r["eps"], mode=cfg.soft_neg_mode,
-          similarity_temperature=cfg.similarity_temperature, valid=s.get("valid"), tile_size=cfg.tile_size,
-          key_mode=cfg.key_mode)
-
-    loss, metrics = engine.shard(local, mesh, inputs, {"scale": scale, "eps": eps})
-    return loss, {**metrics, "epsilon": eps, "logit_scale": scale}
-
-  return loss_fn
-
-
-SPEC = registry.register(registry.LossSpec(
-    name="lightclip", build=_build, default_config=_default_config, init_params=common.init_scale,
-    clamp_params=common.clamp_scale, validate=_validate))
+SPEC = common.register_engine_loss("lightclip", _default_config, _validate, _inputs, _local, values=_values)

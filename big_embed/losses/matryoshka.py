@@ -9,7 +9,7 @@ computed in float32 with an ε) and the wrapped ("inner") loss is applied to it:
 
 The two differ by a factor |M| in the effective learning rate.
 
-Config fields (`registry.loss_config("matryoshka", inner=registry.loss_config("clip"), dims=(64, 128))`):
+Config fields (`config_utils.loss("matryoshka", inner=config_utils.loss("clip"), dims=(64, 128))`):
   inner: the wrapped loss's sub-config (a ConfigDict with its own `name`).
   dims: increasing prefix sizes, each <= the embedding dim D (checked when the loss is called).
   reduction: "mean" | "sum".
@@ -27,8 +27,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from big_embed.errors import ConfigError
 from big_embed.losses import registry
-from big_embed.losses.engine import l2_normalize
+from big_embed.ops import l2_normalize
 
 REDUCTIONS = ("mean", "sum")
 
@@ -67,11 +68,11 @@ def nested(loss_of: Callable[[int], tuple[jax.Array, dict]], dims: Sequence[int]
 def validate_dims(dims, reduction, field: str = "dims", reduction_field: str = "reduction") -> None:
   dims = tuple(dims)
   if not dims or any(not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m <= 0 for m in dims):
-    raise ValueError(f"config.loss.{field} must be a non-empty list of positive ints, got {dims}")
+    raise ConfigError(f"{registry.field_path(field)} must be a non-empty list of positive ints, got {dims}")
   if any(a >= b for a, b in zip(dims, dims[1:])):
-    raise ValueError(f"config.loss.{field} must be strictly increasing, got {dims}")
+    raise ConfigError(f"{registry.field_path(field)} must be strictly increasing, got {dims}")
   if reduction not in REDUCTIONS:
-    raise ValueError(f"config.loss.{reduction_field} must be one of {REDUCTIONS}, got {reduction!r}")
+    raise ConfigError(f"{registry.field_path(reduction_field)} must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def validate_dims(dims, reduction, field: str = "dims", reduction_field: str = "
 
 def _default_config():
   return dict(
-      inner=registry.loss_config("clip"),
+      inner={"name": "clip"},  # resolved with the clip loss's defaults
       dims=(64, 128, 256),
       reduction="mean",
       towers=(),  # emb keys to truncate; () = all
@@ -91,8 +92,8 @@ def _validate(cfg):
   validate_dims(cfg.dims, cfg.reduction)
 
 
-def _build(cfg, mesh):
-  inner_fn = registry.inner_spec(cfg).build(cfg.inner, mesh)
+def _build(cfg, mesh, task=None):
+  inner_fn = registry.build_inner(cfg, mesh, task)
   dims = tuple(int(m) for m in cfg.dims)
   reduction = cfg.reduction
 

@@ -6,10 +6,10 @@ score to also have the higher cosine:
 
     L = w · log(1 + Σ_{(i, j): y_i < y_j} exp(λ (c_i − c_j)))
 
-over all ordered pairs of the batch; ties (`y_i == y_j`) contribute nothing. It is computed as one
-log-sum-exp over the masked `[B, B]` differences with a 0 appended (the "1 +"), so `λ·Δc` up to 40 never
-overflows. Piccolo2 uses λ = 1/0.05 = 20 and weight 0.04 (see `hybrid`); the registered `cosent` loss
-defaults to weight 1.
+over all ordered pairs of the batch, λ = 1/temperature; ties (`y_i == y_j`) contribute nothing. It is computed
+as `softplus(LSE)` of the masked `[B, B]` differences, so `λ·Δc` up to 40 never overflows and a well-ranked
+batch (LSE ≪ 0, a loss far below float32's 1 + ε) keeps its relative precision. Piccolo2 uses τ = 0.05 (λ = 20)
+and weight 0.04 (see `hybrid`); the registered `cosent` loss defaults to weight 1.
 
 Inputs: emb[towers[0]], emb[towers[1]]: [B, D] (a_i, b_i); batch["score"]: float [B]; batch["valid"]: optional
 bool [B] (pairs touching a padded row are left out). Output: the scalar loss and metrics {loss, cosent (the
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from big_embed.losses import common
 from big_embed.losses import registry
-from big_embed.losses.engine import l2_normalize
+from big_embed.ops import l2_normalize
 
 
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -51,9 +51,11 @@ def cosent_from_cosines(c: jax.Array, score: jax.Array, scale: float,
   if valid is not None:
     ranked = ranked & valid[:, None] & valid[None, :]
   diff = scale * (c[:, None] - c[None, :])  # [B, B]  λ (c_i − c_j)
-  # `diff` is finite everywhere, so the plain `where` passes zero gradient to masked entries.
-  masked = jnp.where(ranked, diff, -jnp.inf).reshape(-1)  # [B·B]
-  loss = jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,), jnp.float32), masked]))
+  # log(1 + Σ e^x) = softplus(LSE(x)); no ranked pair: 0. `diff` is finite everywhere, so the `where`s pass
+  # zero gradient to masked entries (and the LSE of an all-masked matrix is never differentiated).
+  any_ranked = jnp.any(ranked)
+  lse = jax.nn.logsumexp(jnp.where(ranked | ~any_ranked, diff, -jnp.inf))
+  loss = jnp.where(any_ranked, jax.nn.softplus(lse), 0.0)
   n_ranked = jnp.sum(ranked.astype(jnp.float32))
   n_right = jnp.sum((ranked & (diff < 0)).astype(jnp.float32))
   return loss, {"pair_accuracy": n_right / jnp.maximum(n_ranked, 1.0), "ranked_pairs": n_ranked}
@@ -79,21 +81,22 @@ def _default_config():
   return dict(
       towers=("query", "key"),  # emb keys of a and b, each [B, D]
       score_key="score",        # batch[score_key]: float [B] gold scores; optional batch["valid"]: bool [B]
-      scale=20.0,               # λ = 1/τ (Piccolo2: τ = 0.05)
+      temperature=0.05,         # τ; λ = 1/τ (Piccolo2: τ = 0.05, λ = 20)
       weight=1.0,               # w (Piccolo2's hybrid uses 0.04)
   )
 
 
 def _validate(cfg):
   common.check_towers(cfg, "towers", 2)
-  common.check_positive(cfg, "scale")
+  common.check_key(cfg, "score_key")
+  common.check_positive(cfg, "temperature")
   common.check_range(cfg, "weight", lo=0.0)
 
 
-def _build(cfg, mesh):
-  del mesh  # plain jnp on global arrays (see module docstring)
+def _build(cfg, mesh, task=None):
+  del mesh, task  # plain jnp on global arrays (see module docstring)
   a_key, b_key = cfg.towers
-  scale, weight = float(cfg.scale), float(cfg.weight)
+  scale, weight = 1.0 / cfg.temperature, float(cfg.weight)
 
   def loss_fn(emb, batch, loss_params, step):
     del loss_params, step
@@ -109,4 +112,4 @@ def _build(cfg, mesh):
 
 
 SPEC = registry.register(registry.LossSpec(
-    name="cosent", build=_build, default_config=_default_config, validate=_validate))
+    name="cosent", build=_build, default_config=_default_config, validate=_validate, task_types=("sts",)))

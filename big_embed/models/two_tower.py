@@ -6,19 +6,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from big_embed import config_schema
 from big_embed.models import text as text_lib
+from big_embed.models import text_embedder
 from big_embed.models import vit as vit_lib
+from big_embed.models.kind import ModelKind
+from big_embed.ops import l2_normalize
 
-
-def l2_normalize(x, eps=1e-6):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+OUTPUTS = ("image", "text")
 
 
 class TwoTower(nn.Module):
   """`__call__(batch)` -> {"image": [B, E], "text": [B, E]}, float32, unit norm."""
 
-  config: ml_collections.ConfigDict  # config.model
+  config: ml_collections.ConfigDict  # config.model (config_schema.TWO_TOWER_MODEL)
   vocab_size: int
 
   def setup(self):
@@ -26,7 +27,6 @@ class TwoTower(nn.Module):
     dtype = jnp.dtype(c.dtype)
     self.image_tower = vit_lib.ViT(image_size=c.image_size, patch_size=c.patch_size, dtype=dtype, **c.vision)
     if c.get("text_pretrained", ""):  # a pretrained BERT (mean-pooled) as the text side
-      from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
       self.text_tower = text_embedder.build_text_model(pretrained_text_config(c), self.vocab_size)
     else:
       self.text_tower = text_lib.TextTransformer(vocab_size=self.vocab_size, max_len=c.max_text_len, dtype=dtype,
@@ -53,8 +53,7 @@ def pretrained_text_config(model_config: ml_collections.ConfigDict) -> ml_collec
   """The text side as a text model config, when `config.model.text_pretrained` names a BERT checkpoint ("minilm"
   or a Hugging Face directory; `text_pretrained_layers` > 0 keeps its first layers). The run then uses that
   checkpoint's tokenizer; `config.model.text` sizes are ignored."""
-  from big_embed.models import text_embedder  # pylint: disable=g-import-not-at-top
-  t = text_embedder.default_text_model_config()
+  t = config_schema.model_defaults("text")
   t.pretrained = model_config.text_pretrained
   t.num_layers = int(model_config.get("text_pretrained_layers", 0))
   t.max_text_len = model_config.max_text_len
@@ -62,11 +61,19 @@ def pretrained_text_config(model_config: ml_collections.ConfigDict) -> ml_collec
   return t
 
 
-def example_batch(image_size: int, max_text_len: int) -> dict:
+def example_batch(model_config: ml_collections.ConfigDict) -> dict:
   """A one-row batch with the model's input shapes (for init and eval_shape)."""
-  return {"image": jnp.zeros((1, image_size, image_size, 3), jnp.uint8),
-          "text": jnp.zeros((1, max_text_len), jnp.int32)}
+  size = model_config.image_size
+  return {"image": jnp.zeros((1, size, size, 3), jnp.uint8),
+          "text": jnp.zeros((1, model_config.max_text_len), jnp.int32)}
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
   return TwoTower(config=model_config, vocab_size=vocab_size)
+
+
+KIND = ModelKind(
+    name="two_tower", build=build_model, example_batch=example_batch, outputs=OUTPUTS,
+    pretrained_source=lambda c: c.get("text_pretrained", ""),
+    pretrained_params=lambda c: {"text_tower": text_embedder.pretrained_model_params(pretrained_text_config(c))},
+    tokenizer_source=lambda c: c.get("text_pretrained", ""))

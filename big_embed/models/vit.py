@@ -8,15 +8,11 @@ import jax.numpy as jnp
 from big_embed.models import transformer
 
 
-class ViT(nn.Module):
+class ViT(transformer.Tower):
   """uint8 images [B, H, W, 3] -> pooled features [B, width]."""
 
   image_size: int
   patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -36,5 +32,5 @@ class ViT(nn.Module):
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
                      (h * w, d))
     x = x + pos.astype(self.dtype)
-    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
+    x = self.encode(x)
     return jnp.mean(x, axis=1)  # [B, D]

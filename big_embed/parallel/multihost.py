@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from big_embed.errors import ConfigError
+
 # Environment variables under which `jax.distributed.initialize()` finds the cluster by itself.
 _AUTO_DETECT_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                     "OMPI_COMM_WORLD_SIZE")
@@ -27,7 +29,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_num_cpu_devices", cpu_devices)
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+      raise ConfigError("--coordinator_address needs --num_processes and --process_id")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=timeout_s)
   elif any(k in os.environ for k in _AUTO_DETECT_ENV):

@@ -1,4 +1,8 @@
-"""Parameter shardings from logical axis names (`nn.with_logical_partitioning`) and mesh rules."""
+"""Parameter shardings from logical axis names (`nn.with_logical_partitioning`) and mesh rules.
+
+The rules are data in the config (`config.sharding_rules`, default `config_schema.SHARDING_RULES`): pairs
+(logical axis, mesh axis or None), e.g. ("embed", "fsdp") shards every "embed" dimension over the fsdp axis.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,20 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Logical axis -> mesh axis. FSDP shards the model width; tensor parallelism the MLP, heads and vocabulary.
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-)
+from big_embed.errors import ConfigError
+
+Rules = Sequence[Sequence[str | None]]
 
 
-def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+def check_rules(rules: Rules, mesh: Mesh) -> None:
+  """Raises ConfigError unless `rules` are (logical axis, mesh axis of `mesh` or None) pairs."""
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str) or not (rule[1] is None or rule[1] in mesh.axis_names):
+      raise ConfigError(f"config.sharding_rules has {tuple(rule)!r}; each rule is (logical axis, one of "
+                        f"{tuple(mesh.axis_names)} or None)")
+
+
+def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
   """Maps logical names to mesh axes; a dim that an axis does not divide stays replicated."""
   table = dict(rules)
   used = set()
@@ -33,7 +40,7 @@ def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rul
   return P(*spec)
 
 
-def shardings_from_boxed(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+def shardings_from_boxed(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """A tree of NamedShardings shaped like `nn.unbox(boxed_tree)`.
 
   `boxed_tree` is an abstract tree (from `jax.eval_shape`) whose leaves may be `nn.Partitioned` boxes

@@ -35,21 +35,11 @@ def make_init_fn(model: nn.Module, example_batch: dict, loss_init: Callable[[], 
   return init
 
 
-def init_fn_from_config(config, model: nn.Module):
-  """`make_init_fn` for a run's config: its loss params, its optimizer, its seed."""
-  from big_embed import losses  # pylint: disable=g-import-not-at-top
-  from big_embed import models  # pylint: disable=g-import-not-at-top
-  from big_embed.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  spec = losses.get(config.loss.name)
-  example = models.example_batch(config.model)
-  return make_init_fn(model, example, lambda: spec.init_params(config.loss),
-                      optimizer_lib.make_optimizer(config.train), config.seed)
-
-
-def state_shardings(init_fn, mesh: Mesh) -> tuple[Any, Any]:
-  """(abstract unboxed state, matching NamedSharding tree) without allocating anything."""
+def state_shardings(init_fn, mesh: Mesh, rules: sharding_lib.Rules) -> tuple[Any, Any]:
+  """(abstract unboxed state, matching NamedSharding tree) without allocating anything; `rules` map the params'
+  logical axes to mesh axes (`config.sharding_rules`). The optimizer state follows the params it mirrors."""
   boxed = jax.eval_shape(init_fn)
-  shardings = sharding_lib.shardings_from_boxed(boxed, mesh)
+  shardings = sharding_lib.shardings_from_boxed(boxed, mesh, rules)
   return nn.unbox(boxed), shardings
 
 

@@ -12,27 +12,38 @@ import optax
 from big_embed.train.state import TrainState
 
 
+def make_loss_and_grads(model: nn.Module, loss_fn: Callable) -> Callable:
+  """`(params, batch, dropout_rng, step) -> ((loss, metrics), grads)`: the towers embed the global batch, the loss
+  reads every device's rows against every device's columns; grads w.r.t. {"model": ..., "loss": ...}."""
+
+  def loss_and_grads(params, batch, dropout_rng, step):
+    def compute_loss(params):
+      emb = model.apply({"params": params["model"]}, batch, rngs={"dropout": dropout_rng})
+      return loss_fn(emb, batch, params["loss"], step)
+
+    return jax.value_and_grad(compute_loss, has_aux=True)(params)
+
+  return loss_and_grads
+
+
 def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Callable,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule, teacher=None):
-  """Returns train_step(state, batch, teacher_params=None, task=None) -> (new_state, metrics).
+  """Returns train_step(state, batch, teacher_params=None) -> (new_state, metrics).
 
   Towers embed the global batch (sharded over the batch axes) -> the loss reads every device's rows against
   every device's columns -> grads -> AdamW -> loss params clamped (e.g. CLIP temperature) after the update.
   With a `teacher` (train/teacher.py), its frozen embeddings of the batch are added to the batch first.
+  `loss_fn(emb, batch, loss_params, step)` is built for one task type of text batches (`LossSpec.build`), so a
+  run with several task types compiles one step per type.
   """
 
-  def train_step(state: TrainState, batch: dict, teacher_params=None, task: str | None = None):
-    if task is not None:  # static: text batches of one task type (the hybrid loss reads it)
-      batch = {**batch, "task": task}
+  loss_and_grads = make_loss_and_grads(model, loss_fn)
+
+  def train_step(state: TrainState, batch: dict, teacher_params=None):
     if teacher is not None:
       batch = teacher.annotate(teacher_params, batch)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-    def compute_loss(params):
-      emb = model.apply({"params": params["model"]}, batch, rngs={"dropout": dropout_rng})
-      return loss_fn(emb, batch, params["loss"], state.step)
-
-    (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    (loss, metrics), grads = loss_and_grads(state.params, batch, dropout_rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, "loss": clamp_loss_params(params["loss"])}

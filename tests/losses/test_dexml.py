@@ -51,30 +51,68 @@ def _masks(batch):
   return pos & live, allp & live, live
 
 
+def _weights(batch):
+  """[B, L]: each sampled positive's weight (batch["positive_weights"], aligned with positive_ids; default 1)."""
+  w = batch.get("positive_weights", np.ones(batch["positive_ids"].shape, np.float32))
+  hit = batch["label_ids"][None, :, None] == batch["positive_ids"][:, None, :]  # [B, L, P]
+  return np.where(hit, w[:, None, :], 0.0).sum(-1).astype(np.float32)
+
+
+def _logits(emb, params):
+  return _scale(params) * emb["query"] @ emb["label"].T
+
+
+def naive_accuracy(batch, mode="decoupled", rows=None):
+  """Top-1 accuracy over the rows that take part: the best pool label is a sampled positive; for softmax the
+  non-sampled positives are negatives, otherwise they are out of the pool."""
+  pos, allp, live = _masks(batch)
+  neg = live & ~pos if mode == "softmax" else live & ~allp
+  rows = pos.any(1) if rows is None else rows
+  return lambda emb, params: {"accuracy": util.top1(np.asarray(_logits(emb, params))[rows], pos[rows], neg[rows])}
+
+
 def naive_softmax(batch):
   pos, _, live = _masks(batch)
+  w = _weights(batch)
   rows = pos.any(1)
 
   def ref(emb, params):
-    l = _scale(params) * emb["query"] @ emb["label"].T
-    lse = jax.nn.logsumexp(jnp.where(live, l, -jnp.inf)[rows], axis=1)
-    per_row = pos[rows].sum(1) * lse - jnp.sum(jnp.where(pos, l, 0.0)[rows], axis=1)
-    return jnp.mean(per_row)
+    l = _logits(emb, params)
+    lse = jax.nn.logsumexp(jnp.where(live, l, -jnp.inf)[rows], axis=1, keepdims=True)  # [B', 1]
+    return jnp.mean(jnp.sum(jnp.where(pos[rows], w[rows] * (lse - l[rows]), 0.0), axis=1))
 
   return ref
 
 
 def naive_decoupled(batch):
   pos, allp, live = _masks(batch)
+  w = _weights(batch)
   negs = live & ~allp
   rows = pos.any(1)
 
   def ref(emb, params):
-    l = (_scale(params) * emb["query"] @ emb["label"].T)[rows]  # [B', L]
+    l = _logits(emb, params)[rows]  # [B', L]
     p, n = pos[rows], negs[rows]
     neg_exp = jnp.sum(jnp.where(n, jnp.exp(l), 0.0), axis=1, keepdims=True)  # Σ_{l∉P*} e^ℓ
     terms = -(l - jnp.log(jnp.exp(l) + neg_exp))  # −log(e^ℓp / (e^ℓp + Σ_neg e^ℓ)) for every column
-    return jnp.mean(jnp.sum(jnp.where(p, terms, 0.0), axis=1) / p.sum(1))
+    return jnp.mean(jnp.sum(jnp.where(p, w[rows] * terms, 0.0), axis=1) / p.sum(1))
+
+  return ref
+
+
+def naive_bce(batch):
+  """mean over rows of the mean over the row's pool (valid labels, non-sampled positives left out) of
+  w·(softplus(ℓ) − y·ℓ), y = 1 on sampled positives (w = their weight) and 0 elsewhere (w = 1)."""
+  pos, allp, live = _masks(batch)
+  y = pos.astype(np.float32)
+  w = np.where(pos, _weights(batch), 1.0)
+  pool = live & (~allp | pos)
+  rows = pos.any(1)
+
+  def ref(emb, params):
+    l = _logits(emb, params)
+    terms = jnp.where(pool, w * (jax.nn.softplus(l) - y * l), 0.0)[rows]
+    return jnp.mean(jnp.sum(terms, axis=1) / pool[rows].sum(1))
 
   return ref
 
@@ -114,38 +152,113 @@ def _threshold_bwd(alpha, v, g):
 _threshold.defvjp(_threshold_fwd, _threshold_bwd)
 
 
-def naive_topk(batch, k=5, alpha=2.0, k_mode="fixed"):
+def _topk_rows(batch, k, k_mode):
+  """(k per row, pool [B, L], rows that take part: a positive and 0 < k < |pool|)."""
   pos, allp, live = _masks(batch)
   pool = live & (~allp | pos)
-  ks = np.full(B, float(k)) if k_mode == "fixed" else (batch["all_positive_ids"] >= 0).sum(1).astype(float)
-  rows = pos.any(1) & (ks > 0) & (pool.sum(1) > ks)
+  ks = {"fixed": lambda: np.full(B, float(k)), "per_row": lambda: np.asarray(batch.get("topk_k"), float),
+        "num_pos": lambda: (batch["all_positive_ids"] >= 0).sum(1).astype(float)}[k_mode]()
+  return ks, pool, pos.any(1) & (ks > 0) & (pool.sum(1) > ks)
+
+
+def naive_topk(batch, k=5, alpha=2.0, k_mode="fixed"):
+  pos, _, _ = _masks(batch)
+  w = _weights(batch)
+  ks, pool, rows = _topk_rows(batch, k, k_mode)
 
   def ref(emb, params):
-    l = (_scale(params) * emb["query"] @ emb["label"].T)[rows]
+    l = _logits(emb, params)[rows]
     t = _threshold(l, pool[rows], jnp.asarray(ks[rows], jnp.float32), alpha)
     log_pi = jax.nn.log_sigmoid(alpha * (l + t[:, None]))  # soft top-k membership
     p = pos[rows]
-    return jnp.mean(-jnp.sum(jnp.where(p, log_pi, 0.0), axis=1) / p.sum(1))
+    return jnp.mean(-jnp.sum(jnp.where(p, w[rows] * log_pi, 0.0), axis=1) / p.sum(1))
 
   return ref
 
 
+def np_topk(batch, q, labels, scale, k=5, alpha=2.0):
+  """Float64 NumPy soft top-k: value and gradients w.r.t. (queries, labels), row by row.
+
+  The threshold by 200 bisection halvings of Σσ(α(ℓ + t)) = k; the gradient by the implicit-function formula
+  ∂ log π_p/∂ℓ_l = α σ(−x_p) (δ_pl − v_l/Σv), v = α σ(x)σ(−x), x = α(ℓ + t) (ALGORITHMS.md §2.4).
+  """
+  pos, _, _ = _masks(batch)
+  ks, pool, rows = _topk_rows(batch, k, "fixed")
+  q, labels = np.float64(q), np.float64(labels)
+  l = scale * q @ labels.T  # [B, L]
+  sig = lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))
+  total, g = 0.0, np.zeros_like(l)
+  for i in np.flatnonzero(rows):
+    m = pool[i]
+    lo, hi = -l[i, m].max() - 10 / alpha, -l[i, m].min() + 10 / alpha
+    for _ in range(200):
+      mid = 0.5 * (lo + hi)
+      lo, hi = (mid, hi) if sig(alpha * (l[i, m] + mid)).sum() < ks[i] else (lo, mid)
+    x = alpha * (l[i] + 0.5 * (lo + hi))
+    v = np.where(m, alpha * sig(x) * sig(-x), 0.0)
+    p = np.flatnonzero(pos[i])
+    total += np.logaddexp(0.0, -x[p]).sum() / len(p)
+    for j in p:  # −log π_j = softplus(−x_j)
+      g[i] -= alpha * sig(-x[j]) * (np.eye(l.shape[1])[j] - v / v.sum()) / len(p)
+  n = rows.sum()
+  return total / n, (scale * g @ labels / n, scale * g.T @ q / n)
+
+
+@pytest.mark.parametrize("mode,reference,seed", [("decoupled", naive_decoupled, 70), ("softmax", naive_softmax, 71),
+                                                 ("bce", naive_bce, 75)])
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
-def test_decoupled_matches_naive(n, key_mode, tile):
-  emb, batch = inputs(70)
-  util.check("dexml", n, emb, batch, naive_decoupled(batch), tile_size=tile, key_mode=key_mode)
+def test_modes_match_naive(mode, reference, seed, n, key_mode, tile):
+  emb, batch = inputs(seed)
+  _, got = util.check("dexml", n, emb, batch, reference(batch), tile_size=tile, key_mode=key_mode, mode=mode,
+                      metrics_ref=naive_accuracy(batch, mode))
+  assert 0 < float(got["accuracy"]) < 1
 
 
+@pytest.mark.parametrize("mode,reference", [("decoupled", naive_decoupled), ("softmax", naive_softmax),
+                                            ("bce", naive_bce), ("topk", naive_topk)])
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
-def test_softmax_baseline_matches_naive(n, key_mode, tile):
-  emb, batch = inputs(71)
-  util.check("dexml", n, emb, batch, naive_softmax(batch), tile_size=tile, key_mode=key_mode, mode="softmax")
+def test_positive_weights(mode, reference, n, key_mode, tile):
+  """DEXML's `loss_weighted`: each positive's term times its relevance (batch["positive_weights"])."""
+  emb, batch = inputs(76)
+  batch["positive_weights"] = np.random.default_rng(76).uniform(0.2, 3.0, size=batch["positive_ids"].shape)
+  util.check("dexml", n, emb, batch, reference(batch), tile_size=tile, key_mode=key_mode, mode=mode)
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
 def test_topk_matches_naive_implicit_gradient(n, key_mode, tile):
   emb, batch = inputs(72)
-  util.check("dexml", n, emb, batch, naive_topk(batch), tile_size=tile, key_mode=key_mode, mode="topk")
+  rows = _topk_rows(batch, 5, "fixed")[2]
+  util.check("dexml", n, emb, batch, naive_topk(batch), tile_size=tile, key_mode=key_mode, mode="topk",
+             metrics_ref=naive_accuracy(batch, "topk", rows))
+
+
+@pytest.mark.parametrize("alpha,tol", [(4.0, 1e-5), (10.0, 2e-4)])
+def test_topk_saturating_alpha_matches_float64(alpha, tol):
+  """α·ℓ up to ±80 (α = 4) and ±200 (α = 10): the sigmoids saturate and a row's threshold can sit in a gap where
+  Σσ' is ~1e-7 (α = 4) or ~1e-10 (α = 10). Value and implicit gradient match a float64 reference to 1e-5 at
+  α = 4; at α = 10 the gap rows' gradient split depends on x_a + x_b ≈ 0 to within float32 rounding of the
+  logits themselves (~1e-6 · α), so the bound there is 2e-4 (the bisection point's gradient was off by ~0.4)."""
+  emb, batch = inputs(77)
+  loss, _, g_emb, _ = util.run("dexml", 1, emb, batch, tile_size=5, mode="topk", topk_alpha=alpha)
+  want, (g_query, g_label) = np_topk(batch, emb["query"], emb["label"], SCALE, alpha=alpha)
+  close = lambda got, want, what: np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
+  close(loss, want, f"alpha={alpha}: loss")
+  close(g_emb["query"], g_query, f"alpha={alpha}: d/d query")
+  close(g_emb["label"], g_label, f"alpha={alpha}: d/d label")
+
+
+@pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
+def test_topk_per_row_k(n, key_mode, tile):
+  """topk_k_mode="per_row": k_i from batch["topk_k"]; rows with k = 0 or k >= |pool| are dropped."""
+  emb, batch = inputs(78)
+  ks = np.random.default_rng(78).integers(1, 8, size=B).astype(np.float32)
+  ks[2], ks[9] = 0, 40  # out of (0, |pool|)
+  batch["topk_k"] = ks
+  rows = _topk_rows(batch, None, "per_row")[2]
+  _, got = util.check("dexml", n, emb, batch, naive_topk(batch, k_mode="per_row"), tile_size=tile,
+                      key_mode=key_mode, mode="topk", topk_k_mode="per_row",
+                      metrics_ref=naive_accuracy(batch, "topk", rows))
+  assert float(got["rows"]) == rows.sum() < B - 2
 
 
 def test_topk_num_pos_learnable_temperature():
@@ -154,6 +267,13 @@ def test_topk_num_pos_learnable_temperature():
   params = {"logit_scale": jnp.float32(np.log(15.0))}
   util.check("dexml", 8, emb, batch, naive_topk(batch, k_mode="num_pos"), params=params, tile_size=7,
              mode="topk", topk_k_mode="num_pos", learnable_temperature=True)
+
+
+def test_learnable_init_params_give_the_configured_scale():
+  """init_params: κ = exp(t) = 1/temperature; the loss at those params is the reference's at that τ."""
+  emb, batch = inputs(79)
+  at_8 = {"logit_scale": jnp.log(jnp.float32(8.0))}
+  util.check_init_scale("dexml", emb, batch, lambda emb: naive_decoupled(batch)(emb, at_8))
 
 
 def test_decoupled_ignores_non_sampled_positives():

@@ -1,5 +1,6 @@
-"""The similarity engine: statistics vs naive full matrices (hypothesis over shapes and masks), `info_nce`,
-fully masked rows, input errors, and the memory of the tiled forward+backward (compile only)."""
+"""The similarity engine: statistics vs naive full matrices (hypothesis over shapes and masks), the InfoNCE
+function `infonce.info_nce`, fully masked rows, input errors, and the memory of the tiled forward+backward
+(compile only)."""
 
 import functools
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from big_embed.losses import engine
+from big_embed.losses import infonce
 from tests.losses import util
 
 SCALE, BIAS, TSCALE = 3.0, -0.5, 2.0
@@ -20,21 +22,23 @@ def _stats():
   return {"lse": engine.lse("pool"), "lse_neg": engine.lse("neg"), "soft": engine.soft("pool"),
           "soft_neg": engine.soft("neg"), "pos": engine.total("pos"), "pos_n": engine.count("pos"),
           "neg_n": engine.count("neg"), "max": engine.maximum("pool"), "min": engine.minimum("neg"),
-          "sp": engine.total("neg", lambda t: jax.nn.softplus(t.s + t.aux["o"][:, None]))}
+          "sp": engine.total("neg", lambda t: jax.nn.softplus(t.s + t.aux["o"][:, None])),
+          "wpos": engine.total("pos", lambda t: t.pos_weight * t.s)}
 
 
 def _scalar(out):
   """A differentiable scalar of every statistic (empty rows contribute 0)."""
   f = lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
   return (f(out["lse"]) + 0.5 * f(out["lse_neg"]) + f(out["soft"]["s"]) + 0.3 * f(out["soft_neg"]["s"])
-          + 0.7 * f(out["pos"]) + 0.2 * f(out["sp"]))
+          + 0.7 * f(out["pos"]) + 0.2 * f(out["sp"]) + 0.4 * f(out["wpos"]))
 
 
 @functools.lru_cache(maxsize=None)
 def _engine_fn(tile, with_extra):
   def f(q, k, qa, ka, ek, eka, masks):
     rows = engine.Rows(q=q, valid=masks["row_valid"], pos_index=masks["pos_index"], ids=masks["ids"],
-                       ignore_ids=masks["ignore_ids"], neg_threshold=masks["thr"], qa=qa, aux={"o": masks["o"]})
+                       ignore_ids=masks["ignore_ids"], neg_threshold=masks["thr"], qa=qa, aux={"o": masks["o"]},
+                       key_mask=masks["key_mask"], pos_weights=masks["pos_w"])
     keys = engine.Keys(k=k, index=masks["key_index"], valid=masks["key_valid"], ids=masks["key_ids"], ka=ka)
     extra = None
     if with_extra:
@@ -53,6 +57,10 @@ def _naive(q, k, qa, ka, ek, eka, m, with_extra):
   pos = ((m["key_index"][None, :] == m["pos_index"][:, None]) & (m["pos_index"][:, None] >= 0)) | \
         ((m["key_ids"][None, :, None] == m["ids"][:, None, :]) & (m["ids"][:, None, :] >= 0)).any(-1)
   ign = ((m["key_ids"][None, :, None] == m["ignore_ids"][:, None, :]) & (m["ignore_ids"][:, None, :] >= 0)).any(-1)
+  ign = ign | (m["key_mask"][:, m["key_index"]] & (m["key_index"] >= 0))  # by global column index; -1: none
+  designated = (m["key_index"][None, :] == m["pos_index"][:, None]) & (m["pos_index"][:, None] >= 0)
+  hit = (m["key_ids"][None, :, None] == m["ids"][:, None, :]) & (m["ids"][:, None, :] >= 0)  # [R, N, P]
+  weight = jnp.where(designated, 1.0, jnp.sum(jnp.where(hit, m["pos_w"][:, None, :], 0.0), -1))
   live = m["row_valid"][:, None] & m["key_valid"][None, :]
   if with_extra:
     dot = jnp.concatenate([dot, jnp.einsum("rd,rhd->rh", q, ek)], 1)
@@ -60,6 +68,7 @@ def _naive(q, k, qa, ka, ek, eka, m, with_extra):
     pos = jnp.concatenate([pos, m["extra_pos"]], 1)
     ign = jnp.concatenate([ign, jnp.zeros_like(m["extra_pos"])], 1)
     live = jnp.concatenate([live, m["row_valid"][:, None] & m["extra_valid"]], 1)
+    weight = jnp.concatenate([weight, jnp.ones(m["extra_pos"].shape)], 1)
   s = SCALE * dot + BIAS
   pos = pos & live
   neg = live & ~pos & ~ign & (jax.lax.stop_gradient(dot) < m["thr"][:, None])
@@ -79,7 +88,8 @@ def _naive(q, k, qa, ka, ek, eka, m, with_extra):
          "pos": jnp.sum(jnp.where(pos, s, 0.0), 1), "pos_n": pos.sum(1).astype(jnp.float32),
          "neg_n": neg.sum(1).astype(jnp.float32), "max": jnp.max(jnp.where(pool, s, -jnp.inf), 1),
          "min": jnp.min(jnp.where(neg, s, jnp.inf), 1),
-         "sp": jnp.sum(jnp.where(neg, jax.nn.softplus(s + m["o"][:, None]), 0.0), 1)}
+         "sp": jnp.sum(jnp.where(neg, jax.nn.softplus(s + m["o"][:, None]), 0.0), 1),
+         "wpos": jnp.sum(jnp.where(pos, weight * s, 0.0), 1)}
   return _scalar(out), out
 
 
@@ -99,14 +109,17 @@ def test_statistics_match_naive(r, n_tile, h, seed, p_valid):
   d, da = 3, 2
   q, k = rng.normal(size=(r, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
   qa, ka = rng.normal(size=(r, da)).astype(np.float32), rng.normal(size=(n, da)).astype(np.float32)
-  ek, eka = rng.normal(size=(r, max(h, 1), d)).astype(np.float32), rng.normal(size=(r, max(h, 1), da)).astype(np.float32)
+  ek = rng.normal(size=(r, max(h, 1), d)).astype(np.float32)
+  eka = rng.normal(size=(r, max(h, 1), da)).astype(np.float32)
   m = {"row_valid": rng.random(r) < max(p_valid, 0.5), "pos_index": rng.integers(-1, n, size=r).astype(np.int32),
        "ids": rng.integers(-1, 4, size=(r, 2)).astype(np.int32),
        "ignore_ids": rng.integers(-1, 4, size=(r, 1)).astype(np.int32),
        "thr": rng.normal(size=r).astype(np.float32) + 1.0, "o": rng.normal(size=r).astype(np.float32),
-       "key_index": rng.permutation(n).astype(np.int32), "key_valid": rng.random(n) < p_valid,
+       "key_index": np.where(np.arange(n) == 0, -1, rng.permutation(n)).astype(np.int32),
+       "key_valid": rng.random(n) < p_valid,
        "key_ids": rng.integers(-1, 4, size=n).astype(np.int32),
-       "extra_valid": rng.random((r, max(h, 1))) < 0.7, "extra_pos": rng.random((r, max(h, 1))) < 0.3}
+       "extra_valid": rng.random((r, max(h, 1))) < 0.7, "extra_pos": rng.random((r, max(h, 1))) < 0.3,
+       "key_mask": rng.random((r, n)) < 0.2, "pos_w": rng.uniform(0.5, 2.0, size=(r, 2)).astype(np.float32)}
   args = (q, k, qa, ka, ek, eka, m)
   (val, out), grads = _engine_fn(tile, h > 0)(*args)
   (want, want_out), want_grads = _naive_grad(*args, h > 0)
@@ -118,7 +131,7 @@ def test_statistics_match_naive(r, n_tile, h, seed, p_valid):
 
 
 # ------------------------------------------------------------------------------------------------
-# info_nce, the plain-function InfoNCE for other losses (Piccolo2's retrieval branch).
+# infonce.info_nce, the InfoNCE function on global arrays (Piccolo2's retrieval branch).
 
 
 def naive_info_nce(q, k, n, ids, scale, blocks=1):
@@ -149,7 +162,7 @@ def test_info_nce_function(n_dev, key_mode, blocks):
   @jax.jit
   @functools.partial(jax.value_and_grad, argnums=(0, 1, 2, 3), has_aux=True)
   def f(q, k, n, temperature):
-    return engine.info_nce(q, k, n, ids, temperature=temperature, mesh=mesh, key_mode=key_mode, tile_size=3)
+    return infonce.info_nce(q, k, n, ids, temperature=temperature, mesh=mesh, key_mode=key_mode, tile_size=3)
 
   (loss, metrics), grads = f(q, k, n, jnp.float32(0.1))
   want, want_grads = jax.value_and_grad(lambda q, k, n, t: naive_info_nce(q, k, n, ids, 1 / t, blocks),
@@ -161,24 +174,24 @@ def test_info_nce_function(n_dev, key_mode, blocks):
 
 def test_info_nce_normalizes_and_checks_arguments():
   q, k, n, ids = _info_nce_inputs()
-  loss, _ = engine.info_nce(3 * q, 2 * k, 5 * n, ids, scale=10.0, normalize=True, tile_size=4)
+  loss, _ = infonce.info_nce(3 * q, 2 * k, 5 * n, ids, scale=10.0, normalize=True, tile_size=4)
   util.assert_close(loss, naive_info_nce(q, k, n, ids, 10.0))
   with pytest.raises(ValueError, match="exactly one of scale, temperature"):
-    engine.info_nce(q, k)
+    infonce.info_nce(q, k)
   with pytest.raises(ValueError, match="temperature must be > 0"):
-    engine.info_nce(q, k, temperature=0.0)
+    infonce.info_nce(q, k, temperature=0.0)
   with pytest.raises(ValueError, match="keys must have the queries' shape"):
-    engine.info_nce(q, k[:5], scale=1.0)
+    infonce.info_nce(q, k[:5], scale=1.0)
   with pytest.raises(ValueError, match=r"ids must be \[16\]"):
-    engine.info_nce(q, k, ids=ids[:3], scale=1.0)
+    infonce.info_nce(q, k, ids=ids[:3], scale=1.0)
   with pytest.raises(ValueError, match="shared negatives must be"):
-    engine.info_nce(q, k, n[:, :2], scale=1.0)
+    infonce.info_nce(q, k, n[:, :2], scale=1.0)
   with pytest.raises(ValueError, match="divisible by the 8 batch shards"):
-    engine.info_nce(q[:12], k[:12], scale=1.0, mesh=util.mesh(8))
+    infonce.info_nce(q[:12], k[:12], scale=1.0, mesh=util.mesh(8))
   with pytest.raises(ValueError, match="key_mode must be one of"):
-    engine.info_nce(q, k, scale=1.0, key_mode="all")
+    infonce.info_nce(q, k, scale=1.0, key_mode="all")
   with pytest.raises(ValueError, match="tile_size must be a positive int"):
-    engine.info_nce(q, k, scale=1.0, tile_size=0)
+    infonce.info_nce(q, k, scale=1.0, tile_size=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +201,7 @@ def test_info_nce_normalizes_and_checks_arguments():
 def test_fully_masked_rows_are_safe():
   q, k, n, ids = _info_nce_inputs()
   f = jax.jit(jax.value_and_grad(
-      lambda q, k, valid: engine.info_nce(q, k, scale=50.0, valid=valid, tile_size=5)[0], argnums=(0, 1)))
+      lambda q, k, valid: infonce.info_nce(q, k, scale=50.0, valid=valid, tile_size=5)[0], argnums=(0, 1)))
   # No valid row at all: loss 0, zero gradients.
   loss, grads = f(q, k, np.zeros(16, bool))
   assert float(loss) == 0.0
@@ -198,13 +211,13 @@ def test_fully_masked_rows_are_safe():
   loss, grads = f(q, k, np.eye(16, dtype=bool)[3])
   assert abs(float(loss)) < 1e-6 and all(np.isfinite(np.asarray(g)).all() for g in grads)
   # Rows whose designated positive is ignored by every column (all duplicates, ignored): no NaN.
-  loss, metrics = engine.info_nce(q, k, ids=np.zeros(16, np.int32), scale=50.0, tile_size=5)
+  loss, metrics = infonce.info_nce(q, k, ids=np.zeros(16, np.int32), scale=50.0, tile_size=5)
   assert float(metrics["rows"]) == 16 and abs(float(loss)) < 1e-6
 
 
 def test_extreme_logits_are_finite():
   q, k, n, ids = _info_nce_inputs()
-  f = jax.jit(jax.value_and_grad(lambda q, k: engine.info_nce(q, k, n, scale=1e4, tile_size=5)[0],
+  f = jax.jit(jax.value_and_grad(lambda q, k: infonce.info_nce(q, k, n, scale=1e4, tile_size=5)[0],
                                  argnums=(0, 1)))
   loss, grads = f(q * 30.0, k * 30.0)
   assert np.isfinite(float(loss))
@@ -219,8 +232,8 @@ def test_row_without_positive_is_dropped_not_nan():
   keys = engine.Keys(k=k, index=np.arange(6, dtype=np.int32), valid=np.ones(6, bool))
 
   def loss(q, k):
-    st = engine.reduce_rows(engine.contrastive_stats(), rows._replace(q=q), keys._replace(k=k), tile_size=4)
-    nll, ok, _ = engine.contrastive_nll(st)
+    st = engine.reduce_rows(infonce.contrastive_stats(), rows._replace(q=q), keys._replace(k=k), tile_size=4)
+    nll, ok = infonce.contrastive_nll(st)
     return engine.global_mean(nll, ok, engine.Shards())
 
   val, grads = jax.value_and_grad(loss, argnums=(0, 1))(q, k)
@@ -234,15 +247,20 @@ def test_engine_input_errors():
   q = np.zeros((4, 3), np.float32)
   keys = engine.Keys(k=np.zeros((5, 3), np.float32), index=np.arange(5, dtype=np.int32), valid=np.ones(5, bool))
   stats = {"lse": engine.lse()}
-  with pytest.raises(ValueError, match=r"keys must be \[N, 3\]"):
+  with pytest.raises(ValueError, match=r"keys.k must be \[5, 3\]"):
     engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool)), keys._replace(k=np.zeros((5, 2))))
-  with pytest.raises(ValueError, match=r"row valid mask must be \[4\]"):
+  with pytest.raises(ValueError, match=r"rows.valid must be \[4\]"):
     engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(3, bool)), keys)
-  with pytest.raises(ValueError, match="needs key ids"):
+  with pytest.raises(ValueError, match="need key ids"):
     engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool), ids=np.zeros((4, 1), np.int32)), keys)
   with pytest.raises(ValueError, match=r"keys.valid must be \[5\]"):
     engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool)), keys._replace(valid=np.ones(4, bool)))
-  with pytest.raises(ValueError, match=r"extra keys must be \[4, H, 3\]"):
+  with pytest.raises(ValueError, match=r"rows.key_mask must be \[4, \?\]"):
+    engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool), key_mask=np.ones(4, bool)), keys)
+  with pytest.raises(ValueError, match=r"rows.pos_weights \(as rows.ids\) must be \[4, 1\]"):
+    engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool), ids=np.zeros((4, 1), np.int32),
+                                          pos_weights=np.ones((4, 2))), keys._replace(ids=np.arange(5)))
+  with pytest.raises(ValueError, match=r"extra.k must be \[4, \?, 3\]"):
     engine.reduce_rows(stats, engine.Rows(q=q, valid=np.ones(4, bool)), keys,
                        engine.Extra(k=np.zeros((4, 2, 2)), valid=np.ones((4, 2), bool)))
   with pytest.raises(ValueError, match="mask must be 'pos', 'neg' or 'pool'"):
@@ -258,7 +276,7 @@ def test_tiled_memory_below_one_eighth_of_naive():
   spec = jax.ShapeDtypeStruct((n, d), jnp.float32)
 
   def tiled(q, k):
-    return engine.info_nce(q, k, scale=20.0, tile_size=256)[0]
+    return infonce.info_nce(q, k, scale=20.0, tile_size=256)[0]
 
   def naive(q, k):
     logits = 20.0 * q @ k.T  # [N, N]

@@ -30,6 +30,8 @@ def logits_and_masks(emb, batch, duplicates="ignore", shared=False, fn=None, fn_
   q, k, hn = emb["query"], emb["key"], emb["hard_negatives"]
   valid, ids, hn_valid = batch["valid"], batch.get("ids"), batch["hard_negative_valid"]
   pos, neg = util.pair_masks(valid, ids, duplicates)
+  if "key_mask" in batch:
+    neg = neg & ~batch["key_mask"]
   if shared:
     dot = jnp.concatenate([q @ k.T, q @ hn.reshape(B * H, D).T], axis=1)  # [B, B + B·H]
     hneg = valid[:, None] & hn_valid.reshape(-1)[None, :]
@@ -70,10 +72,33 @@ def naive_infonce(batch, multi="mean", **kw):
   return ref
 
 
+def naive_metrics(batch, scale=None, **kw):
+  """accuracy (top-1 column is a positive) and negatives (mean count per row) of the valid rows, NumPy."""
+  valid = batch["valid"]
+
+  def ref(emb, params):
+    kappa = scale if scale is not None else (np.exp(params["logit_scale"]) if "logit_scale" in params else SCALE)
+    logits, pos, neg = (np.asarray(x) for x in logits_and_masks(emb, batch, scale=kappa, **kw))
+    return {"accuracy": util.top1(logits[valid], pos[valid], neg[valid]), "negatives": neg[valid].sum(1).mean()}
+
+  return ref
+
+
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
 def test_infonce_hard_negatives_matches_naive(n, key_mode, tile):
   emb, batch = inputs(40)
-  util.check("infonce", n, emb, batch, naive_infonce(batch), tile_size=tile, key_mode=key_mode)
+  _, metrics = util.check("infonce", n, emb, batch, naive_infonce(batch), tile_size=tile, key_mode=key_mode,
+                          metrics_ref=naive_metrics(batch))
+  assert 0 < float(metrics["accuracy"]) < 1
+
+
+@pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
+def test_infonce_key_mask(n, key_mode, tile):
+  """batch["key_mask"] [B, B]: masked keys are not negatives (the designated positive stays the positive)."""
+  emb, batch = inputs(45)
+  batch["key_mask"] = np.random.default_rng(45).random((B, B)) < 0.3
+  util.check("infonce", n, emb, batch, naive_infonce(batch), tile_size=tile, key_mode=key_mode,
+             metrics_ref=naive_metrics(batch))
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
@@ -81,16 +106,19 @@ def test_infonce_shared_negatives_multi_positive(n, key_mode, tile):
   emb, batch = inputs(41, n_ids=8)
   util.check("infonce", n, emb, batch, naive_infonce(batch, "lse", duplicates="positive", shared=True),
              tile_size=tile, key_mode=key_mode, hard_negatives_shared=True, duplicates="positive",
-             multi_positive="lse")
+             multi_positive="lse", metrics_ref=naive_metrics(batch, duplicates="positive", shared=True))
 
 
-@pytest.mark.parametrize("fn", ["absolute", "relative", "max"])
-def test_infonce_student_false_negative_filter(fn):
+@pytest.mark.parametrize("fn,ratio", [("absolute", 0.5), ("relative", 0.5), ("max", 0.5), ("relative", 0.8),
+                                      ("max", 0.8)])
+def test_infonce_student_false_negative_filter(fn, ratio):
+  """At ρ = 0.5 the relative margin (1 − ρ)·r(+) equals ρ·r(+); ρ = 0.8 tells them apart."""
   emb, batch = inputs(42)
   # A margin that keeps some negatives and drops others on these inputs.
-  kw = dict(fn_filter=fn, fn_margin=0.3, fn_ratio=0.5)
-  loss, metrics = util.check("infonce", 8, emb, batch,
-                             naive_infonce(batch, fn=fn, margin=0.3, ratio=0.5), tile_size=7, **kw)
+  kw = dict(fn_filter=fn, fn_margin=0.3 if ratio == 0.5 else 0.1, fn_ratio=ratio)
+  ref_kw = dict(fn=fn, margin=kw["fn_margin"], ratio=ratio)
+  loss, metrics = util.check("infonce", 8, emb, batch, naive_infonce(batch, **ref_kw), tile_size=7,
+                             metrics_ref=naive_metrics(batch, **ref_kw), **kw)
   _, plain, _, _ = util.run("infonce", 8, emb, batch, tile_size=7)
   assert float(metrics["negatives"]) < float(plain["negatives"])
 
@@ -98,7 +126,8 @@ def test_infonce_student_false_negative_filter(fn):
 def test_infonce_teacher_false_negative_filter():
   emb, batch = inputs(43)
   util.check("infonce", 8, emb, batch, naive_infonce(batch, fn="max", fn_scores="teacher", margin=0.2),
-             tile_size=7, fn_filter="max", fn_scores="teacher", fn_margin=0.2)
+             tile_size=7, fn_filter="max", fn_scores="teacher", fn_margin=0.2,
+             metrics_ref=naive_metrics(batch, fn="max", fn_scores="teacher", margin=0.2))
 
 
 def test_infonce_learnable_temperature():
@@ -112,7 +141,8 @@ def test_infonce_learnable_temperature():
     l, p, pool = logits[valid], pos[valid], (pos | neg)[valid]
     return jnp.mean(jax.nn.logsumexp(jnp.where(pool, l, -jnp.inf), 1) - jnp.sum(jnp.where(p, l, 0.0), 1))
 
-  util.check("infonce", 1, emb, batch, ref, params=params, tile_size=5, learnable_temperature=True)
+  util.check("infonce", 1, emb, batch, ref, params=params, tile_size=5, learnable_temperature=True,
+             metrics_ref=naive_metrics(batch))
 
 
 @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)

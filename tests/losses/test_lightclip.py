@@ -9,26 +9,40 @@ from big_embed.losses import lightclip
 from tests.losses import util
 
 
-def naive_lightclip(valid, eps, mode="uniform", tau=1.0):
+def naive_lightclip(valid, eps, mode="uniform", tau=1.0, scale=None):
+  """(loss, metrics) references over the full matrix of valid pairs: the soft cross-entropy, its KL to the
+  targets (the target entropy subtracted) and the top-1 accuracy; scale: a fixed κ (else exp(t))."""
   keep = np.flatnonzero(valid)
+  n = len(keep)
+  eye = np.eye(n, dtype=bool)
 
-  def direction(x, y, scale):
-    x, y = x[keep], y[keep]
-    n = len(keep)
-    eye = jnp.eye(n, dtype=bool)
-    logits = scale * x @ y.T
+  def direction(x, y, kappa):
+    """(soft CE, KL to the targets, logits) of rows x against columns y."""
+    logits = kappa * x[keep] @ y[keep].T
     if mode == "uniform":
       u = jnp.where(eye, 0.0, 1.0 / (n - 1))
     else:
       u = jax.nn.softmax(jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(logits) / tau), axis=1)
     target = (1 - eps) * jnp.eye(n) + eps * u
-    return jnp.mean(-jnp.sum(target * jax.nn.log_softmax(logits, axis=1), axis=1))
+    log_p = jax.nn.log_softmax(logits, axis=1)
+    kl = jnp.where(target > 0, target * (jnp.log(jnp.where(target > 0, target, 1.0)) - log_p), 0.0)
+    return jnp.mean(-jnp.sum(target * log_p, axis=1)), jnp.mean(jnp.sum(kl, axis=1)), logits
+
+  def kappa(params):
+    return jnp.exp(params["logit_scale"]) if scale is None else scale
 
   def ref(emb, params):
-    scale = jnp.exp(params["logit_scale"])
-    return 0.5 * (direction(emb["image"], emb["text"], scale) + direction(emb["text"], emb["image"], scale))
+    a2b = direction(emb["image"], emb["text"], kappa(params))
+    b2a = direction(emb["text"], emb["image"], kappa(params))
+    return 0.5 * (a2b[0] + b2a[0])
 
-  return ref
+  def metrics(emb, params):
+    a2b = direction(emb["image"], emb["text"], kappa(params))
+    b2a = direction(emb["text"], emb["image"], kappa(params))
+    accuracy = [util.top1(np.asarray(d[2]), eye, ~eye) for d in (a2b, b2a)]
+    return {"kl": 0.5 * (a2b[1] + b2a[1]), "accuracy": np.mean(accuracy)}
+
+  return ref, metrics
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
@@ -36,8 +50,10 @@ def test_lightclip_uniform_matches_naive(n, key_mode, tile):
   rng, a, t = util.pairs(30)
   valid, _ = util.masks(rng)
   # step 600 of a 1000-step linear ramp to 0.2: ε = 0.12.
-  util.check("lightclip", n, {"image": a, "text": t}, {"valid": valid}, naive_lightclip(valid, 0.12),
-             step=600, tile_size=tile, key_mode=key_mode, epsilon_max=0.2, ramp_steps=1000)
+  ref, metrics = naive_lightclip(valid, 0.12)
+  loss, got = util.check("lightclip", n, {"image": a, "text": t}, {"valid": valid}, ref, step=600,
+                         tile_size=tile, key_mode=key_mode, epsilon_max=0.2, ramp_steps=1000, metrics_ref=metrics)
+  assert 0 < float(got["kl"]) < float(loss) and 0 < float(got["accuracy"]) < 1
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
@@ -45,10 +61,10 @@ def test_lightclip_similarity_matches_naive(n, key_mode, tile):
   rng, a, t = util.pairs(31)
   valid, _ = util.masks(rng)
   eps = 0.2 * 0.5 * (1 - np.cos(np.pi * 0.25))
-  util.check("lightclip", n, {"image": a, "text": t}, {"valid": valid},
-             naive_lightclip(valid, eps, "similarity", 2.0), step=250, tile_size=tile, key_mode=key_mode,
-             epsilon_max=0.2, ramp_steps=1000, schedule="cosine", soft_neg_mode="similarity",
-             similarity_temperature=2.0)
+  ref, metrics = naive_lightclip(valid, eps, "similarity", 2.0)
+  util.check("lightclip", n, {"image": a, "text": t}, {"valid": valid}, ref, step=250, tile_size=tile,
+             key_mode=key_mode, epsilon_max=0.2, ramp_steps=1000, schedule="cosine", soft_neg_mode="similarity",
+             similarity_temperature=2.0, metrics_ref=metrics)
 
 
 def test_schedules():
@@ -70,3 +86,12 @@ def test_epsilon_zero_at_step_zero_is_clip():
   clip, _, _, _ = util.run("clip", 1, emb, batch, tile_size=5)
   util.assert_close(light, clip)
   assert float(metrics["epsilon"]) == 0.0
+  util.assert_close(metrics["kl"], light)  # one-hot targets: no target entropy
+
+
+def test_lightclip_init_params_give_the_configured_scale():
+  """init_params: κ = exp(t) = 1/temperature; the loss at those params is the reference's at that τ."""
+  rng, a, t = util.pairs(33)
+  valid, _ = util.masks(rng)
+  ref, _ = naive_lightclip(valid, 0.0, scale=8.0)  # step 0: ε = 0
+  util.check_init_scale("lightclip", {"image": a, "text": t}, {"valid": valid}, lambda emb: ref(emb, {}))

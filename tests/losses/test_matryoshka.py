@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from big_embed import losses
+from big_embed.errors import ConfigError
 from tests.losses import util
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -75,7 +76,7 @@ def _emb(seed, b=8, d=8):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_clip_inner_matches_naive(reduction, n_dev):
   img, txt = _emb(0)
-  cfg = losses.loss_config("matryoshka", inner=losses.loss_config("clip", temperature_init=0.1),
+  cfg = losses.loss_config("matryoshka", inner=losses.loss_config("clip", temperature=0.1),
                            dims=(2, 5, 8), reduction=reduction)
   loss, metrics, grads = _run(cfg, util.mesh(n_dev), {"image": img, "text": txt}, {})
   ref = lambda a, b: np_matryoshka(lambda x, y: np_clip(x, y, 10.0), a, b, (2, 5, 8), reduction)
@@ -115,7 +116,7 @@ def test_property_prefixes(b, d, data):
   reduction = data.draw(st.sampled_from(["mean", "sum"]))
   q, p = _emb(data.draw(st.integers(0, 2**16)), b, d)
   y = np.arange(b, dtype=np.float32)[::-1].copy()
-  cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", scale=5.0), dims=tuple(dims),
+  cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", temperature=0.2), dims=tuple(dims),
                            reduction=reduction)
   loss_fn = losses.get("matryoshka").build(cfg, None)
   f = jax.jit(jax.value_and_grad(lambda q: loss_fn({"query": q, "key": p}, {"score": y}, {}, 0)[0]))
@@ -141,17 +142,19 @@ def test_params_delegate_to_inner():
 @pytest.mark.parametrize("field,value", [("dims", ()), ("dims", (8, 4)), ("dims", (4, 4)), ("dims", (0, 4)),
                                          ("reduction", "avg")])
 def test_bad_config(field, value):
-  cfg = losses.loss_config("matryoshka", **{field: value})
-  with pytest.raises(ValueError, match=f"config.loss.{field}"):
-    losses.get("matryoshka").validate(cfg)
+  with pytest.raises(ConfigError, match=f"config.loss.{field}"):
+    losses.loss_config("matryoshka", **{field: value})
 
 
-def test_inner_is_validated():
-  cfg = losses.loss_config("matryoshka", inner=losses.loss_config("cosent", scale=0.0))
-  with pytest.raises(ValueError, match="config.loss.scale"):
-    losses.get("matryoshka").validate(cfg)
-  with pytest.raises(ValueError, match="config.loss.inner"):
-    losses.get("matryoshka").validate(losses.loss_config("matryoshka", inner=None))
+def test_inner_is_resolved_and_validated():
+  cfg = losses.loss_config("matryoshka", inner={"name": "cosent", "weight": 0.5})
+  assert cfg.inner.weight == 0.5 and cfg.inner.temperature == 0.05  # the inner loss's defaults filled in
+  with pytest.raises(ConfigError, match=r"config\.loss\.inner\.temperature must be"):
+    losses.loss_config("matryoshka", inner={"name": "cosent", "temperature": 0.0})
+  with pytest.raises(ConfigError, match=r"config\.loss\.inner must be a loss config"):
+    losses.loss_config("matryoshka", inner=None)
+  with pytest.raises(ConfigError, match=r"unknown loss 'clp'; config\.loss\.inner\.name must be one of"):
+    losses.loss_config("matryoshka", inner={"name": "clp"})
 
 
 def test_dims_checked_against_embedding_dim_at_call_time():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from big_embed import losses
-from tests.losses import util
+from big_embed.errors import ConfigError
 from big_embed.losses import pairwise
+from tests.losses import util
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -64,6 +65,10 @@ def test_matches_double_loop(n_dev):
   np.testing.assert_allclose(grads["query"], ga, **TOL)
   np.testing.assert_allclose(grads["key"], gp, **TOL)
   assert metrics["ranked_pairs"] == sum(y[i] < y[j] for i in range(16) for j in range(16))
+  c = np.sum(a * p, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(p, axis=-1))
+  right = [c[i] < c[j] for i in range(16) for j in range(16) if y[i] < y[j]]
+  assert 0 < np.mean(right) < 1
+  np.testing.assert_allclose(metrics["pair_accuracy"], np.mean(right), rtol=1e-6)
 
 
 @hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
@@ -122,12 +127,33 @@ def test_large_gap_no_overflow():
   assert np.all(np.isfinite(g))
 
 
-@pytest.mark.parametrize("field,value", [("scale", 0.0), ("scale", -20.0), ("scale", float("inf")),
-                                         ("weight", -1.0), ("towers", ("query",)), ("towers", ("a", "a"))])
+@pytest.mark.parametrize("field,value", [
+    ("temperature", 0.0), ("temperature", -0.05), ("temperature", float("inf")), ("weight", -1.0),
+    ("towers", ("query",)), ("towers", ("a", "a")), ("score_key", "")])
 def test_bad_config(field, value):
-  cfg = losses.loss_config("cosent", **{field: value})
-  with pytest.raises(ValueError, match=f"config.loss.{field}"):
-    losses.get("cosent").validate(cfg)
+  with pytest.raises(ConfigError, match=f"config.loss.{field}"):
+    losses.loss_config("cosent", **{field: value})
+
+
+def test_temperature_is_the_inverse_scale():
+  a, p, y = _inputs(3, b=6)
+  for temperature in (0.05, 0.2):
+    loss_fn = losses.get("cosent").build(losses.loss_config("cosent", temperature=temperature), None)
+    got = loss_fn({"query": a, "key": p}, {"score": y}, {}, 0)[0]
+    np.testing.assert_allclose(got, naive_cosent_np(a, p, y, 1 / temperature), **TOL)
+
+
+def test_well_ranked_batch_keeps_relative_precision():
+  # λ·Δc = −15, −15 and −30: the loss log1p(2e^{−15} + e^{−30}) ≈ 6e-7 is within a few float32 ulps of 1 in
+  # 1 + Σ e^x, so log(1 + Σ e^x) is percent-accurate at best; softplus(LSE) keeps float32 relative precision.
+  y = jnp.asarray([0.0, 1.0, 2.0])
+  a, b = _pairs_with_cosines(np.array([-0.75, 0.0, 0.75]))
+  loss, g = jax.value_and_grad(lambda a: pairwise.cosent_loss(a, b, y)[0])(a)
+  want = naive_cosent_np(a, b, np.asarray(y))
+  assert 0 < want < 1e-6
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  want_g = util.fd_grad(lambda x: naive_cosent_np(x, b, np.asarray(y)) / want, a, h=1e-4) * want
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-12)
 
 
 def test_valid_mask_drops_padded_pairs():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from big_embed import losses
+from big_embed.errors import ConfigError
 from big_embed.parallel.mesh import batch_sharding
 from tests.losses import util
 
@@ -33,7 +34,7 @@ def test_value_and_gradient_match_reference(devices):
   rng = np.random.default_rng(0)
   b, d = 16, 8
   a, bb, ta, tb = (_unit(rng, (b, d)) for _ in range(4))
-  cfg = losses.loss_config("similarity_kd", scale=10.0,
+  cfg = losses.loss_config("similarity_kd", temperature=0.1,
                            inner=losses.loss_config("logit_kd", mode="kl", temperature=2.0))
   spec = losses.get("similarity_kd")
   spec.validate(cfg)
@@ -66,8 +67,17 @@ def test_missing_teacher_is_a_clear_error():
 
 
 def test_bad_fields_are_rejected():
-  spec = losses.get("similarity_kd")
-  with pytest.raises(ValueError, match="scale"):
-    spec.validate(losses.loss_config("similarity_kd", scale=0.0))
-  with pytest.raises(ValueError, match="teacher_keys"):
-    spec.validate(losses.loss_config("similarity_kd", teacher_keys=("t",)))
+  with pytest.raises(ConfigError, match=r"config\.loss\.temperature"):
+    losses.loss_config("similarity_kd", temperature=0.0)
+  with pytest.raises(ConfigError, match=r"config\.loss\.teacher_keys"):
+    losses.loss_config("similarity_kd", teacher_keys=("t",))
+  with pytest.raises(ConfigError, match=r"config\.loss\.inner\.mode"):
+    losses.loss_config("similarity_kd", inner={"name": "logit_kd", "mode": "l2"})
+
+
+def test_default_temperature_is_the_old_fixed_scale_20():
+  rng = np.random.default_rng(1)
+  a, bb, ta, tb = (_unit(rng, (8, 4)) for _ in range(4))
+  fn = losses.get("similarity_kd").build(losses.loss_config("similarity_kd"), None)
+  value = fn({"image": a, "text": bb}, {"teacher_image": ta, "teacher_text": tb}, {}, 0)[0]
+  np.testing.assert_allclose(value, _naive_kl(a, bb, ta, tb, 20.0, 1.0), rtol=1e-5, atol=1e-6)

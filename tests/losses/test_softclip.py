@@ -13,10 +13,12 @@ def _norm(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def naive_softclip(valid, alpha=0.2, tau_s=0.1, beta=1.0, targets=None):
-  """Full-matrix Y = (1−α)I + α softmax(S/τ_s), KL(Y‖p) + β KL(ỹ‖p̃) over the off-diagonal; valid pairs only.
+def naive_softclip(valid, alpha=0.2, tau_s=0.1, beta=1.0, targets=None, scale=None):
+  """(loss, metrics) references: full-matrix Y = (1−α)I + α softmax(S/τ_s), KL(Y‖p) + β KL(ỹ‖p̃) over the
+  off-diagonal; valid pairs only; accuracy: the top-1 column of each direction's rows is the diagonal.
 
   targets: dict direction -> ("emb", key) or ("batch", array) for the self-similarity features.
+  scale: a fixed κ (else exp(params["logit_scale"])).
   """
   targets = targets or {"i2t": ("emb", "image"), "t2i": ("emb", "text")}
   keep = np.flatnonzero(valid)
@@ -40,21 +42,30 @@ def naive_softclip(valid, alpha=0.2, tau_s=0.1, beta=1.0, targets=None):
     kind, value = spec
     return emb[value] if kind == "emb" else jnp.asarray(value)
 
+  def kappa(params):
+    return jnp.exp(params["logit_scale"]) if scale is None else scale
+
   def ref(emb, params):
-    scale = jnp.exp(params["logit_scale"])
-    s1, n1 = direction(emb["image"], emb["text"], feats(emb, targets["i2t"]), scale)
-    s2, n2 = direction(emb["text"], emb["image"], feats(emb, targets["t2i"]), scale)
+    s1, n1 = direction(emb["image"], emb["text"], feats(emb, targets["i2t"]), kappa(params))
+    s2, n2 = direction(emb["text"], emb["image"], feats(emb, targets["t2i"]), kappa(params))
     return 0.5 * (s1 + s2) + beta * 0.5 * (n1 + n2)
 
-  return ref
+  def metrics(emb, params):
+    logits = np.asarray(kappa(params) * emb["image"][keep] @ emb["text"][keep].T)
+    eye = np.eye(len(keep), dtype=bool)
+    return {"accuracy": 0.5 * (util.top1(logits, eye, ~eye) + util.top1(logits.T, eye, ~eye))}
+
+  return ref, metrics
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
 def test_softclip_matches_naive(n, key_mode, tile):
   rng, a, t = util.pairs(20)
   valid, _ = util.masks(rng)
-  util.check("softclip", n, {"image": a, "text": t}, {"valid": valid}, naive_softclip(valid),
-             tile_size=tile, key_mode=key_mode)
+  ref, metrics = naive_softclip(valid)
+  _, got = util.check("softclip", n, {"image": a, "text": t}, {"valid": valid}, ref, tile_size=tile,
+                      key_mode=key_mode, metrics_ref=metrics)
+  assert 0 < float(got["accuracy"]) < 1
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
@@ -65,7 +76,7 @@ def test_softclip_precomputed_targets(n, key_mode, tile):
   targets = {"i2t": ("batch", roi), "t2i": ("emb", "image")}
   params = {"logit_scale": jnp.float32(2.0)}
   util.check("softclip", n, {"image": a, "text": t}, {"valid": valid, "targets_i2t": roi},
-             naive_softclip(valid, alpha=0.4, tau_s=0.3, beta=0.5, targets=targets), params=params,
+             naive_softclip(valid, alpha=0.4, tau_s=0.3, beta=0.5, targets=targets)[0], params=params,
              tile_size=tile, key_mode=key_mode, alpha=0.4, target_temperature=0.3, beta=0.5,
              target_source_i2t="precomputed", target_source_t2i="image")
 
@@ -78,3 +89,11 @@ def test_softclip_alpha_zero_is_clip():
   clip, _, _, _ = util.run("clip", 1, emb, batch, tile_size=5)
   util.assert_close(soft, clip)
   assert float(metrics["loss_neg"]) > 0.0  # reported even when β = 0
+
+
+def test_softclip_init_params_give_the_configured_scale():
+  """init_params: κ = exp(t) = 1/temperature; the loss at those params is the reference's at that τ."""
+  rng, a, t = util.pairs(23)
+  valid, _ = util.masks(rng)
+  ref, _ = naive_softclip(valid, scale=8.0)
+  util.check_init_scale("softclip", {"image": a, "text": t}, {"valid": valid}, lambda emb: ref(emb, {}))

@@ -35,17 +35,26 @@ def _kl_ce(student, teacher, mask):
   return jnp.mean(kl), jnp.mean(-logp[:, 0])
 
 
-def naive_scores(batch, tau_t, lam):
+def naive_scores(batch, tau_t, lam, scale=None):
+  """(loss, metrics) references; the candidates are the row's key (the positive) and its hard negatives."""
   valid = batch["valid"]
   mask = np.concatenate([np.ones((B, 1), bool), batch["hard_negative_valid"]], axis=1)[valid]
+  kappa = (lambda params: scale) if scale is not None else _scale
+
+  def student(emb, params):
+    cand = jnp.concatenate([emb["key"][:, None], emb["hard_negatives"]], axis=1)  # [B, 1+H, D]
+    return kappa(params) * jnp.einsum("bd,bcd->bc", emb["query"], cand)[valid]
 
   def ref(emb, params):
-    cand = jnp.concatenate([emb["key"][:, None], emb["hard_negatives"]], axis=1)  # [B, 1+H, D]
-    student = _scale(params) * jnp.einsum("bd,bcd->bc", emb["query"], cand)[valid]
-    kl, ce = _kl_ce(student, batch["teacher_scores"][valid] / tau_t, mask)
+    kl, ce = _kl_ce(student(emb, params), batch["teacher_scores"][valid] / tau_t, mask)
     return kl + lam * ce
 
-  return ref
+  def metrics(emb, params):
+    first = np.zeros(mask.shape, bool)
+    first[:, 0] = True
+    return {"accuracy": util.top1(np.asarray(student(emb, params)), first, mask & ~first)}
+
+  return ref, metrics
 
 
 def naive_embeddings(batch, tau_t, lam):
@@ -59,30 +68,45 @@ def naive_embeddings(batch, tau_t, lam):
   teacher = np.concatenate([np.take_along_axis(tq @ tk.T, order, axis=1),
                             np.einsum("bd,bhd->bh", tq, th)], axis=1)[valid] / tau_t
 
-  def ref(emb, params):
-    del params
+  def student(emb):
     q = emb["query"]
     s_keys = jnp.take_along_axis(q @ emb["key"].T, order, axis=1)
-    student = SCALE * jnp.concatenate([s_keys, jnp.einsum("bd,bhd->bh", q, emb["hard_negatives"])], axis=1)
-    kl, ce = _kl_ce(student[valid], teacher, mask)
+    return SCALE * jnp.concatenate([s_keys, jnp.einsum("bd,bhd->bh", q, emb["hard_negatives"])], axis=1)[valid]
+
+  def ref(emb, params):
+    del params
+    kl, ce = _kl_ce(student(emb), teacher, mask)
     return kl + lam * ce
 
-  return ref
+  def metrics(emb, params):
+    del params
+    first = np.zeros(mask.shape, bool)
+    first[:, 0] = True
+    return {"accuracy": util.top1(np.asarray(student(emb)), first, mask & ~first)}
+
+  return ref, metrics
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SHORT)
 def test_teacher_scores_matches_naive(n, key_mode, tile):
   emb, batch = inputs(60)
+  emb["hard_negatives"][:8, 0] = emb["query"][:8]  # negatives that outscore the positive: accuracy < 1
+  batch["hard_negative_valid"][:8, 0] = True
   params = {"logit_scale": jnp.float32(np.log(12.0))}  # learnable temperature: d/d logit_scale checked too
-  util.check("teacher_kl", n, emb, batch, naive_scores(batch, 2.0, 0.3), params=params, tile_size=tile,
-             key_mode=key_mode, teacher_temperature=2.0, hard_label_weight=0.3, learnable_temperature=True)
+  ref, metrics = naive_scores(batch, 2.0, 0.3)
+  _, got = util.check("teacher_kl", n, emb, batch, ref, params=params, tile_size=tile, key_mode=key_mode,
+                      teacher_temperature=2.0, hard_label_weight=0.3, learnable_temperature=True,
+                      metrics_ref=metrics)
+  assert 0 < float(got["accuracy"]) < 1
 
 
 @pytest.mark.parametrize("n,key_mode,tile", util.SETUPS)
 def test_teacher_embeddings_matches_naive(n, key_mode, tile):
   emb, batch = inputs(61)
-  util.check("teacher_kl", n, emb, batch, naive_embeddings(batch, 0.1, 0.5), tile_size=tile, key_mode=key_mode,
-             teacher_source="embeddings", teacher_temperature=0.1, hard_label_weight=0.5)
+  ref, metrics = naive_embeddings(batch, 0.1, 0.5)
+  _, got = util.check("teacher_kl", n, emb, batch, ref, tile_size=tile, key_mode=key_mode,
+                      teacher_source="embeddings", teacher_temperature=0.1, hard_label_weight=0.5, metrics_ref=metrics)
+  assert 0 < float(got["accuracy"]) < 1
 
 
 def test_teacher_equal_to_student_gives_zero_kl():
@@ -94,3 +118,11 @@ def test_teacher_equal_to_student_gives_zero_kl():
                               hard_label_weight=0.3)
   assert abs(float(metrics["loss_kl"])) < 1e-5
   assert float(metrics["loss_ce"]) > 0
+
+
+def test_teacher_kl_learnable_init_params_give_the_configured_scale():
+  """init_params: κ = exp(t) = 1/temperature; the loss at those params is the reference's at that τ."""
+  emb, batch = inputs(63)
+  ref, _ = naive_scores(batch, 2.0, 0.3, scale=8.0)
+  util.check_init_scale("teacher_kl", emb, batch, lambda emb: ref(emb, {}), teacher_temperature=2.0,
+                        hard_label_weight=0.3)

@@ -58,8 +58,9 @@ def assert_close(got, want, what=""):
                got, want)
 
 
-def check(name, n, emb, batch, ref, params=None, step=0, **overrides):
-  """Loss value and gradients (embeddings and loss params) against `ref(emb, params) -> loss`."""
+def check(name, n, emb, batch, ref, params=None, step=0, metrics_ref=None, **overrides):
+  """Loss value and gradients (embeddings and loss params) against `ref(emb, params) -> loss`, and the metrics
+  named by `metrics_ref(emb, params) -> {name: value}` (e.g. the accuracy) against their reference values."""
   cfg = config(name, **overrides)
   if params is None:
     params = losses.get(name).init_params(cfg)
@@ -72,7 +73,31 @@ def check(name, n, emb, batch, ref, params=None, step=0, **overrides):
   assert_close(g_params, w_params, what + ": d/d params")
   for k, v in metrics.items():
     assert np.isfinite(np.asarray(v)).all(), (what, k, v)
+  if metrics_ref is not None:
+    for k, v in metrics_ref(jemb, params).items():
+      assert_close(metrics[k], v, f"{what}: metric {k}")
   return loss, metrics
+
+
+def check_init_scale(name, emb, batch, ref, **overrides):
+  """`init_params` at temperature 0.125 gives κ = exp(t) = 8, and the loss at those params is `ref(emb)`, the
+  loss's reference at κ = 8 (learnable temperature; `overrides` are other fields of the loss)."""
+  fields = dict(temperature=0.125, learnable_temperature=True, **overrides)
+  params = losses.get(name).init_params(config(name, **fields))
+  np.testing.assert_allclose(np.exp(params["logit_scale"]), 8.0, rtol=1e-6)
+  loss, _, _, _ = run(name, 1, emb, batch, tile_size=5, **fields)
+  assert_close(loss, ref(jax.tree.map(jnp.asarray, emb)), f"{name} at its initial params")
+  return params
+
+
+def top1(logits, pos, neg):
+  """NumPy top-1 accuracy: the share of rows with a positive whose best positive scores at least as high as every
+  negative (a row without negatives counts as correct)."""
+  logits = np.asarray(logits, np.float64)
+  rows = np.asarray(pos).any(1)
+  best_pos = np.where(pos, logits, -np.inf).max(1)
+  best_neg = np.where(neg, logits, -np.inf).max(1)
+  return float(np.mean((best_pos >= best_neg)[rows]))
 
 
 def unit(rng, *shape):

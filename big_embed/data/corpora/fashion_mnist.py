@@ -3,17 +3,23 @@
 Features: `image` uint8 [28, 28] (a raw-bytes `Tensor`, far faster to write and read than PNG),
 `label` ClassLabel over `CLASS_NAMES`. Splits: `train` (60,000) and `test` (10,000) as in the IDX
 files.
+
+Image-text use: a training image is captioned with a random prompt template filled with its class's natural name
+("a photo of a coat."); zero-shot classification ensembles the same templates.
 """
 
 from __future__ import annotations
 
 import gzip
 import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -23,6 +29,16 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 # Natural forms for captions and zero-shot prompts ("a photo of a t-shirt.").
 PROMPT_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                 "ankle boot")
+PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a grayscale photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of the {}.",
+    "a black and white photo of a {}.",
+    "a {}.",
+    "an item of clothing: {}.",
+)
 IMAGE_SHAPE = (28, 28)
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -101,3 +117,30 @@ class FashionMnistBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     images, labels = load_split(split)
     for i in range(len(labels)):
       yield i, {"image": images[i], "label": int(labels[i])}
+
+
+def example(record: dict[str, Any]) -> dict[str, Any]:
+  """A record's training example: all images of one class are positives of each other (ids = the class)."""
+  label = int(record["label"])
+  return {"ids": label, "label": label}
+
+
+def caption(element: dict[str, Any], rng: np.random.Generator) -> str:
+  """A random prompt template filled with the natural name of the example's class."""
+  template = PROMPT_TEMPLATES[rng.integers(len(PROMPT_TEMPLATES))]
+  return template.format(PROMPT_NAMES[element["label"]])
+
+
+def caption_texts(read_split: Callable[[str], Any]) -> Iterator[str]:
+  """Every caption a training example can get (the records are not needed)."""
+  del read_split
+  for template in PROMPT_TEMPLATES:
+    for name in PROMPT_NAMES:
+      yield template.format(name)
+
+
+registry.register(registry.Corpus(
+    name="fashion_mnist", builder=FashionMnistBuilder, kind="image", debian_packages=DEBIAN_PACKAGES,
+    fields={"image": "image", "label": "class"},
+    image_text=registry.ImageText(example=example, caption=caption, caption_texts=caption_texts,
+                                  label_field="label", class_names=PROMPT_NAMES, prompt_templates=PROMPT_TEMPLATES)))

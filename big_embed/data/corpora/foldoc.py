@@ -15,8 +15,8 @@ Categories are the "<language, tool>" markers that open a paragraph or a numbere
 body; they are removed from the text. In the definition, cross-reference braces are removed
 ("{Unix}" -> "Unix", "{home page (http://...)}" -> "home page"; not in code lines), the closing
 "(YYYY-MM-DD)" revision date is dropped, paragraphs are unwrapped and separated by blank lines, and
-indented code or example lines keep their line breaks (relative indentation kept). Entries not valid UTF-8, or with an empty definition, are
-skipped.
+indented code or example lines keep their line breaks (relative indentation kept). Entries not valid
+UTF-8, or with an empty definition, are skipped.
 
 Features: `term` Text, `definition` Text, `categories` Sequence(Text) (e.g. ["language", "tool"]).
 Splits: an entry is in `test` iff sha1(term) mod 100 < 10 (about 10%), else in `train`.
@@ -33,6 +33,7 @@ import zlib
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
@@ -204,3 +205,8 @@ class FoldocBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for i, e in enumerate(entries):
       yield f"{i}:{e.term}", {"term": e.term, "definition": e.definition,
                               "categories": list(e.categories)}
+
+
+registry.register(registry.Corpus(
+    name="foldoc", builder=FoldocBuilder, kind="text", debian_packages=DEBIAN_PACKAGES,
+    fields={"term": "text", "definition": "text", "categories": "text_seq"}, retrieval=("definition", "term")))

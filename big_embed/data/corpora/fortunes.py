@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
@@ -139,3 +140,8 @@ class FortunesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, fortunes):
     for f in fortunes:
       yield f.key, {"text": f.text, "category": f.category}
+
+
+registry.register(registry.Corpus(
+    name="fortunes", builder=FortunesBuilder, kind="text", debian_packages=DEBIAN_PACKAGES,
+    fields={"text": "text", "category": "class"}, probe=("text", "category")))

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts
 
@@ -238,3 +239,8 @@ class BibleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, verses):
     for v in verses:
       yield v.id, dataclasses.asdict(v)
+
+
+registry.register(registry.Corpus(
+    name="bible", builder=BibleBuilder, kind="text", debian_packages=DEBIAN_PACKAGES,
+    fields={"id": "text", "book": "text", "kjv": "text", "web": "text"}, retrieval=("kjv", "web")))

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
@@ -190,4 +191,10 @@ class WordNetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for s in synsets:
       yield s.id, {"id": s.id, "lemmas": list(s.lemmas), "definition": s.definition,
                    "examples": list(s.examples), "lexname": s.lexname}
+
+
+registry.register(registry.Corpus(
+    name="wordnet", builder=WordNetBuilder, kind="text", debian_packages=DEBIAN_PACKAGES,
+    fields={"id": "text", "lemmas": "text_seq", "definition": "text", "examples": "text_seq", "lexname": "class"},
+    retrieval=("definition", "lemmas"), probe=("definition", "lexname")))
 

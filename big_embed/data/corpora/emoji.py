@@ -6,6 +6,9 @@ Sources (Debian packages): `fonts-noto-color-emoji` (NotoColorEmoji.ttf, a colou
 Features: `id` Text (the emoji string itself), `image` Image uint8 [64, 64, 3] (the glyph cropped to
 its content, centred on a white square), `name` Text (the CLDR name), `keywords` Sequence(Text).
 Splits: an emoji is in `test` iff sha1(id) mod 100 < 20 (about 20%), else in `train`.
+
+Image-text use: a training glyph is captioned with its CLDR name, optionally wrapped in a template or followed by two
+random keywords; retrieval pairs each held-out glyph with its name.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ import dataclasses
 import hashlib
 import pathlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
 from PIL import features as pil_features
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
+from big_embed.data.text_corpus import to_str
 
 FONT_PACKAGE = "fonts-noto-color-emoji"
 FONT_FILE = "/NotoColorEmoji.ttf"
@@ -32,6 +40,13 @@ DEBIAN_PACKAGES = (FONT_PACKAGE, CLDR_PACKAGE)
 IMAGE_SIZE = 64
 TEST_PERCENT = 20
 _REFERENCE_GLYPH = "\U0001F600"  # grinning face: the advance width of one glyph
+CAPTION_TEMPLATES = (
+    "{name}",
+    "an emoji of {name}",
+    "{name} emoji",
+    "{name}: {keywords}",  # two random keywords, ", "-joined
+)
+_NUM_KEYWORDS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +181,47 @@ class EmojiBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for ann, image in pairs:
       yield ann.emoji, {"id": ann.emoji, "image": image, "name": ann.name,
                         "keywords": list(ann.keywords)}
+
+
+def class_id(emoji_id: str) -> int:
+  """A stable id >= 16 per emoji, disjoint from the Fashion-MNIST classes 0..9."""
+  return 16 + int.from_bytes(hashlib.sha1(emoji_id.encode("utf-8")).digest()[:4], "big") % (2**31 - 16)
+
+
+def _other_keywords(name: str, keywords: Sequence[str]) -> list[str]:
+  """Keywords that add something to `name` (the name itself is often one of them)."""
+  return [k for k in keywords if k.lower() != name.lower()]
+
+
+def example(record: dict[str, Any]) -> dict[str, Any]:
+  """A record's training example: each emoji is its own class (ids = `class_id`)."""
+  return {"ids": class_id(to_str(record["id"])), "name": to_str(record["name"]),
+          "keywords": tuple(to_str(k) for k in record["keywords"])}
+
+
+def caption(element: dict[str, Any], rng: np.random.Generator) -> str:
+  """A random caption of an emoji from its CLDR name and keywords."""
+  name, keywords = element["name"], element["keywords"]
+  template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+  if "{keywords}" in template:
+    others = _other_keywords(name, keywords)
+    if not others:
+      return name
+    picked = rng.choice(len(others), size=min(_NUM_KEYWORDS, len(others)), replace=False)
+    return template.format(name=name, keywords=", ".join(others[i] for i in sorted(picked)))
+  return template.format(name=name)
+
+
+def caption_texts(read_split: Callable[[str], Sequence[dict[str, Any]]]) -> Iterator[str]:
+  """Texts covering every word of every caption a training emoji can get."""
+  for record in read_split("train"):
+    name, keywords = to_str(record["name"]), [to_str(k) for k in record["keywords"]]
+    for template in CAPTION_TEMPLATES:
+      yield template.format(name=name, keywords=", ".join(_other_keywords(name, keywords)))
+
+
+registry.register(registry.Corpus(
+    name="emoji", builder=EmojiBuilder, kind="image", debian_packages=DEBIAN_PACKAGES,
+    fields={"id": "text", "image": "image", "name": "text", "keywords": "text_seq"},
+    image_text=registry.ImageText(example=example, caption=caption, caption_texts=caption_texts,
+                                  caption_field="name", id_field="id")))

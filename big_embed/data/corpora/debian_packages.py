@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts, decode_utf8, split_by_hash
 
@@ -346,3 +347,9 @@ class DebianPackagesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     for p in packages:
       yield p.package, {"package": p.package, "summary": p.summary, "description": p.description,
                         "section": p.section, "tags": list(p.tags)}
+
+
+registry.register(registry.Corpus(
+    name="debian_packages", builder=DebianPackagesBuilder, kind="text", debian_packages=DEBIAN_PACKAGES,
+    fields={"package": "text", "summary": "text", "description": "text", "section": "class", "tags": "class_seq"},
+    retrieval=("summary", "description"), probe=("summary", "section"), multilabel=("description", "tags")))

@@ -1,26 +1,14 @@
-"""Human-graded similarity sets (Lee-50, WordSim-353, SimLex-999) from gensim's test data, as TFDS.
+"""Human-graded similarity pairs from the test data of the gensim wheel: the shared reader and TFDS builder.
 
-Source: the test data inside the pinned wheel gensim==4.4.0, fetched at prepare time with
-`python -m pip download --no-deps gensim==4.4.0` (pip is the only fetch; gensim is neither imported
-nor installed; the wheel's SHA-256 is checked) and read from the zip:
-  * lee50: `gensim/test/test_data/lee.cor` (50 news documents of the Australian Broadcasting
-    Corporation, one per line, Latin-1) and `similarities0-1.txt` (their 50x50 mean human
-    similarity matrix, scale 0-1; the upper triangle is used). Lee, Pincombe & Welsh, "An
-    empirical evaluation of models of text document similarity", CogSci 2005.
-  * wordsim353: `wordsim353.tsv` (353 word pairs, mean relatedness 0-10). Finkelstein et al.,
-    "Placing search in context: the concept revisited", ACM TOIS 2002.
-  * simlex999: `simlex999.txt` (999 word pairs, mean similarity 0-10). Hill, Reichart &
-    Korhonen, "SimLex-999: evaluating semantic models with (genuine) similarity estimation",
-    Computational Linguistics 2015.
+The STS sets `lee50`, `wordsim353` and `simlex999` (one module each) are read from the test data inside the pinned
+wheel gensim==4.4.0, fetched at prepare time with `python -m pip download --no-deps gensim==4.4.0` (pip is the only
+fetch; gensim is neither imported nor installed; the wheel's SHA-256 is checked) and read from the zip.
 
-Licence: gensim and its test data are distributed under the GNU LGPL 2.1 (the wheel's COPYING); the
-data sets state no licence of their own and are published by their authors for research
-evaluation: cite the papers above.
+Licence: gensim and its test data are distributed under the GNU LGPL 2.1 (the wheel's COPYING); the data sets state
+no licence of their own and are published by their authors for research evaluation: cite the papers named in each
+set's module.
 
-Records: lee50 has the 1,225 document pairs i < j (text_a = document i, text_b = document j);
-word sets have one record per line ("#" comment lines are not records). Pairs with an empty text or
-a line that is not UTF-8 are skipped. Scores keep each set's own scale.
-
+Records: pairs with an empty text or a line that is not UTF-8 are skipped. Scores keep each set's own scale.
 Features: `text_a` Text, `text_b` Text, `score` float32. Splits: `test` only.
 """
 
@@ -37,6 +25,7 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from big_embed.data.corpora import registry
 from big_embed.data.errors import DataError
 from big_embed.data.text_corpus import SkipCounts, decode_utf8
 
@@ -47,9 +36,6 @@ PIP_DOWNLOAD_ARGS = ("download", "--no-deps", "--only-binary=:all:", "--platform
                      "--abi", "cp311", f"gensim=={GENSIM_VERSION}")
 WHEEL_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
 TEST_DATA = "gensim/test/test_data/"
-LEE_CORPUS, LEE_MATRIX = "lee.cor", "similarities0-1.txt"
-WORD_FILES = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
-DEBIAN_PACKAGES: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,17 +135,8 @@ def read_wheel_member(wheel: pathlib.Path, name: str) -> bytes:
     raise DataError(f"Cannot read {TEST_DATA}{name} from {wheel} ({e})") from e
 
 
-def read_set(name: str, wheel: pathlib.Path) -> tuple[list[Pair], SkipCounts]:
-  """Reads similarity set `name` ("lee50", "wordsim353" or "simlex999") from the gensim wheel."""
-  if name == "lee50":
-    return read_lee(read_wheel_member(wheel, LEE_CORPUS), read_wheel_member(wheel, LEE_MATRIX),
-                    f"{wheel}:{TEST_DATA}")
-  return read_word_pairs(read_wheel_member(wheel, WORD_FILES[name]),
-                         f"{wheel}:{TEST_DATA}{WORD_FILES[name]}")
-
-
-class _SimilarityBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A graded-pairs set from the gensim wheel (test split only)."""
+class GradedPairsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A graded-pairs set from the gensim wheel (test split only); a subclass reads its pairs (`read_pairs`)."""
 
   SET_NAME = ""
   DESCRIPTION = ""
@@ -180,38 +157,31 @@ class _SimilarityBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _split_generators(self, dl_manager):
     with tempfile.TemporaryDirectory(prefix="big_embed_gensim_") as tmp:
-      pairs, self.skip_counts = read_set(self.SET_NAME, download_wheel(pathlib.Path(tmp)))
+      pairs, self.skip_counts = self.read_pairs(download_wheel(pathlib.Path(tmp)))
     if not pairs:
       raise DataError(f"{self.SET_NAME}: no pair could be read from the gensim wheel")
     return {"test": self._generate_examples(pairs)}
+
+  def read_pairs(self, wheel: pathlib.Path) -> tuple[list[Pair], SkipCounts]:
+    """The set's pairs, read from the gensim wheel at `wheel`."""
+    raise NotImplementedError
 
   def _generate_examples(self, pairs):
     for i, p in enumerate(pairs):
       yield i, {"text_a": p.text_a, "text_b": p.text_b, "score": np.float32(p.score)}
 
 
-class Lee50Builder(_SimilarityBuilder, skip_registration=True):
-  name = "big_embed_lee50"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Lee et al. (2005) 50 documents: 1,225 pairs, human similarity 0-1."}
-  SET_NAME = "lee50"
-  DESCRIPTION = "Lee-50: pairs of 50 ABC news documents with mean human similarity (0-1)."
-  HOMEPAGE = "https://github.com/piskvorky/gensim/tree/develop/gensim/test/test_data"
+class WordPairsBuilder(GradedPairsBuilder, skip_registration=True):
+  """A set of "word1<TAB>word2<TAB>score" lines: the wheel's test-data file FILE (`read_word_pairs`)."""
+
+  FILE = ""
+
+  def read_pairs(self, wheel: pathlib.Path) -> tuple[list[Pair], SkipCounts]:
+    return read_word_pairs(read_wheel_member(wheel, self.FILE), f"{wheel}:{TEST_DATA}{self.FILE}")
 
 
-class WordSim353Builder(_SimilarityBuilder, skip_registration=True):
-  name = "big_embed_wordsim353"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "WordSim-353 word pairs with mean human relatedness (0-10)."}
-  SET_NAME = "wordsim353"
-  DESCRIPTION = "WordSim-353: 353 English word pairs with mean human relatedness (0-10)."
-  HOMEPAGE = "http://www.cs.technion.ac.il/~gabr/resources/data/wordsim353/"
-
-
-class SimLex999Builder(_SimilarityBuilder, skip_registration=True):
-  name = "big_embed_simlex999"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "SimLex-999 word pairs with mean human similarity (0-10)."}
-  SET_NAME = "simlex999"
-  DESCRIPTION = "SimLex-999: 999 English word pairs with mean human similarity (0-10)."
-  HOMEPAGE = "https://fh295.github.io/simlex.html"
+def register_graded_pairs(builder: type[GradedPairsBuilder]) -> registry.Corpus:
+  """Registers the STS set `builder.SET_NAME` (fields text_a, text_b, score; test split only)."""
+  return registry.register(registry.Corpus(
+      name=builder.SET_NAME, builder=builder, kind="text", splits=("test",),
+      fields={"text_a": "text", "text_b": "text", "score": "float"}, sts=("text_a", "text_b", "score")))

@@ -1,0 +1,160 @@
+"""The mined hard-negative store: sets of mined negatives per query, written by mining and read by retrieval tasks.
+
+A set lives in `<data_dir>/mined/<name>/`: `negatives.npy` int64 [Nq, H] (row i lists record indices of the same
+split for record i, -1 = none), `scores.npy` float32 [Nq, H] (the miner's similarities) and `meta.json` (what it was
+mined from, and the miner's own facts, e.g. the command). A retrieval task reads one with `mined=<name>,
+num_negatives=H`; it must have been mined for the task's dataset, split, query and document fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from big_embed.data import paths
+from big_embed.data.errors import DataError
+
+if TYPE_CHECKING:
+  from big_embed.data.text_tasks import TaskSpec
+
+MINED_DIR = "mined"
+MINED_FORMAT = "big_embed.mined_negatives"
+MINED_VERSION = 1
+
+
+def mined_dir(data_dir: str | os.PathLike[str] | None, name: str) -> pathlib.Path:
+  """`<data_dir>/mined/<name>`: where the mined hard-negative set `name` lives."""
+  return paths.resolve_data_dir(data_dir) / MINED_DIR / name
+
+
+@dataclasses.dataclass(frozen=True)
+class MinedNegatives:
+  """A mined hard-negative set: negatives int64 [Nq, H] (record indices, -1 = none), scores float32 [Nq, H]."""
+  negatives: np.ndarray
+  scores: np.ndarray
+  info: dict  # meta.json: format, version, source_dataset, split, query_field, doc_field, num_records,
+  #             num_negatives, meta (the miner's own dict)
+
+
+def write_mined_negatives(directory: str | os.PathLike[str], *, source_dataset: str, split: str, query_field: str,
+                          doc_field: str, negatives: np.ndarray, scores: np.ndarray, meta: dict) -> pathlib.Path:
+  """Writes a mined hard-negative set atomically (a temporary sibling directory, then a rename).
+
+  Layout: `negatives.npy` int64 [Nq, H], `scores.npy` float32 [Nq, H], `meta.json`. Row i belongs to record i
+  of `split` of `source_dataset` (before any filtering); its entries are record indices of the same split,
+  -1 = none. An existing set at `directory` is replaced.
+
+  Args:
+    directory: usually `mined_dir(data_dir, name)`.
+    source_dataset, split: the dataset CLI name and split the indices refer to (Nq = its record count).
+    query_field, doc_field: the record fields the queries and documents were mined with.
+    negatives: int [Nq, H]; scores: float [Nq, H] (e.g. the miner's similarities; NaN where -1).
+    meta: JSON-serialisable facts about the mining (model, command, ...). A "command" entry is quoted when the
+      set no longer matches a task.
+
+  Returns:
+    The directory.
+
+  Raises:
+    ValueError: bad shapes, dtypes or indices, or `meta` is not JSON-serialisable.
+  """
+  directory = pathlib.Path(directory).absolute()
+  negatives = np.asarray(negatives)
+  scores = np.asarray(scores)
+  if negatives.ndim != 2 or negatives.dtype.kind not in "iu":
+    raise ValueError(f"negatives must be an integer array [Nq, H], got {negatives.dtype} {negatives.shape}")
+  if scores.shape != negatives.shape:
+    raise ValueError(f"scores must have the shape of negatives {negatives.shape}, got {scores.shape}")
+  if negatives.size and (negatives.min() < -1 or negatives.max() >= negatives.shape[0]):
+    raise ValueError(f"negatives must be record indices in [0, {negatives.shape[0]}) or -1, got values in "
+                     f"[{negatives.min()}, {negatives.max()}]")
+  info = {"format": MINED_FORMAT, "version": MINED_VERSION, "source_dataset": source_dataset, "split": split,
+          "query_field": query_field, "doc_field": doc_field, "num_records": int(negatives.shape[0]),
+          "num_negatives": int(negatives.shape[1]), "meta": meta}
+  try:
+    text = json.dumps(info, indent=2)
+  except TypeError as e:
+    raise ValueError(f"meta must be JSON-serialisable: {e}") from e
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+  tmp.mkdir()
+  try:
+    np.save(tmp / "negatives.npy", negatives.astype(np.int64))
+    np.save(tmp / "scores.npy", scores.astype(np.float32))
+    (tmp / "meta.json").write_text(text, encoding="utf-8")
+    old = None
+    if directory.exists():
+      old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
+      directory.rename(old)
+    tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  return directory
+
+
+def read_mined_negatives(directory: str | os.PathLike[str]) -> MinedNegatives:
+  """Reads a set written by `write_mined_negatives`.
+
+  Raises:
+    DataError: the set is missing, incomplete or corrupt.
+  """
+  directory = pathlib.Path(directory)
+  meta_path = directory / "meta.json"
+  if not meta_path.is_file():
+    raise DataError(f"No mined hard-negative set in {directory} (no meta.json); mine it first with the "
+                    "hard-negative mining command, or set the task's num_negatives=0 and mined=''")
+  try:
+    info = json.loads(meta_path.read_text(encoding="utf-8"))
+    negatives = np.load(directory / "negatives.npy")
+    scores = np.load(directory / "scores.npy")
+  except (OSError, ValueError) as e:
+    raise DataError(f"Corrupt mined hard-negative set {directory} ({type(e).__name__}: {e}); mine it again") from e
+  if info.get("format") != MINED_FORMAT or info.get("version") != MINED_VERSION:
+    raise DataError(f"{meta_path} is not a {MINED_FORMAT} v{MINED_VERSION} set (format={info.get('format')!r}, "
+                    f"version={info.get('version')!r}); mine it again")
+  if negatives.shape != (info["num_records"], info["num_negatives"]) or scores.shape != negatives.shape:
+    raise DataError(f"Corrupt mined hard-negative set {directory}: negatives {negatives.shape}, scores "
+                    f"{scores.shape}, meta.json says ({info['num_records']}, {info['num_negatives']}); "
+                    "mine it again")
+  return MinedNegatives(negatives.astype(np.int64), scores.astype(np.float32), info)
+
+
+def read_for_task(spec: TaskSpec, data_dir: str | None, num_records: int) -> MinedNegatives:
+  """The mined set of retrieval task `spec` (`spec.mined`), checked to match it; `num_records` is the record count
+  of the task's split.
+
+  Raises:
+    DataError: missing, corrupt, or mined for another dataset / split / fields / record count, or with
+      fewer than num_negatives negatives per query ("re-mine with ...").
+  """
+  directory = mined_dir(data_dir, spec.mined)
+  if not (directory / "meta.json").is_file():
+    raise DataError(f"No mined hard-negative set {spec.mined!r} in {directory.parent}; mine it first: python -m "
+                    f"big_embed.mine --config <this recipe> --task {spec.name} --name {spec.mined} (or set "
+                    f"config.data.tasks.{spec.name}.num_negatives=0 and mined='')")
+  mined = read_mined_negatives(directory)
+  info = mined.info
+  want = {"source_dataset": spec.dataset, "split": spec.split, "query_field": spec.fields["query"],
+          "doc_field": spec.fields["doc"], "num_records": num_records}
+  wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+  if not wrong and info["num_negatives"] < spec.num_negatives:
+    wrong = {"num_negatives": (info["num_negatives"], f">= {spec.num_negatives}")}
+  if wrong:
+    how = info.get("meta", {}).get("command") if isinstance(info.get("meta"), dict) else None
+    raise DataError(
+        f"Mined hard-negative set {directory} does not match task {spec.name!r}: "
+        + ", ".join(f"{k} is {have!r}, the task needs {need!r}" for k, (have, need) in wrong.items())
+        + f". Re-mine with dataset={spec.dataset!r}, split={spec.split!r}, query field {spec.fields['query']!r}, "
+        f"doc field {spec.fields['doc']!r} and at least {spec.num_negatives} negatives per query"
+        + (f" (it was mined with: {how})" if how else "") + ", or lower the task's num_negatives")
+  return mined

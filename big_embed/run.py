@@ -1,0 +1,110 @@
+"""A run directory and the one way to restore a run's model: config, tokenizer and parameters.
+
+    <workdir>/tokenizer.json         the run's tokenizer (written when the run first starts, kept for resume)
+    <workdir>/checkpoints/<step>/    Orbax checkpoints: state, meta (the config, the process count), data iterator
+    <workdir>/metrics.jsonl, eval_results.json, tensorboard/
+
+`restore_run(workdir, mesh)` gives what inference needs (the frozen teacher of a distillation run, `encode`,
+`mine`): the config saved with the newest checkpoint, the run's tokenizer, the model built from that config and
+its parameters, restored onto `mesh` without the optimizer state. Training resumes the whole state with the same
+`Checkpointer` (`train/loop.py`), and takes its tokenizer from `run_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from big_embed import checkpoint as ckpt_lib
+from big_embed import config_schema
+from big_embed import models
+from big_embed.data import tokenizer as tokenizer_lib
+from big_embed.data.tokenizer import Tokenizer
+from big_embed.errors import ConfigError
+from big_embed.models import pretrained
+from big_embed.parallel import sharding as sharding_lib
+
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> pathlib.Path:
+  return pathlib.Path(workdir).expanduser().absolute() / CHECKPOINTS
+
+
+def is_run(path: str | os.PathLike[str]) -> bool:
+  """Whether `path` is a run directory (it has a checkpoints/ directory)."""
+  return checkpoint_dir(path).is_dir()
+
+
+def run_tokenizer(workdir: pathlib.Path, model_config: ml_collections.ConfigDict, data_dir) -> Tokenizer:
+  """The run's own copy, so that a resumed run keeps its vocabulary; on the first start, the model kind's
+  pretrained tokenizer (`ModelKind.tokenizer_source`) or else the one prepared with the data, then saved."""
+  own = workdir / TOKENIZER_FILE
+  if own.exists():
+    return Tokenizer.from_file(str(own))
+  source = models.kind_of(model_config).tokenizer_source(model_config)
+  if source:
+    tok = pretrained.load_tokenizer(pretrained.resolve_pretrained(source))
+  else:
+    tok = tokenizer_lib.load_tokenizer(data_dir)
+  if jax.process_index() == 0:  # atomically: other processes may be looking for it
+    tmp = own.with_suffix(".tmp")
+    tmp.write_text(tok.to_str(), encoding="utf-8")
+    tmp.replace(own)
+  return tok
+
+
+def model_shardings(model: nn.Module, example_batch: dict, mesh, rules) -> tuple[Any, Any]:
+  """(abstract unboxed model params, their NamedShardings) from the params' logical axis names."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example_batch)["params"])
+  return nn.unbox(boxed), sharding_lib.shardings_from_boxed(boxed, mesh, rules)
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored run: what its model needs to embed."""
+
+  workdir: pathlib.Path
+  step: int
+  config: ml_collections.ConfigDict  # as saved with the checkpoint
+  tokenizer: Tokenizer
+  model: nn.Module
+  params: Any  # the model's params, sharded over the mesh by the run's logical axis rules
+
+
+def restore_run(workdir: str | os.PathLike[str], mesh, step: int | None = None) -> Run:
+  """The newest (or `step`) checkpoint of the run in `workdir`, its model's params restored onto `mesh`.
+
+  Raises:
+    ConfigError: no checkpoint, no tokenizer.json, or no such step.
+  """
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else int(step)
+    if step is None:
+      raise ConfigError(f"{workdir} holds no checkpoint; train a model there first (python -m big_embed.main "
+                        f"--config ... --workdir {workdir})")
+    if step not in checkpointer.all_steps():
+      raise ConfigError(f"{workdir} has no checkpoint at step {step}; its steps: {checkpointer.all_steps()}")
+    tok_path = workdir / TOKENIZER_FILE
+    if not tok_path.is_file():
+      raise ConfigError(f"{tok_path} is missing; it is written when a run starts, so {workdir} is not a complete "
+                        "big_embed run")
+    config = ml_collections.ConfigDict(checkpointer.restore_meta(step)["config"])
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    kind = models.kind_of(config.model)
+    model = kind.build(config.model, tokenizer.vocab_size)
+    rules = config.get("sharding_rules", config_schema.SHARDING_RULES)
+    abstract, shardings = model_shardings(model, kind.example_batch(config.model), mesh, rules)
+    params = checkpointer.restore_params(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    checkpointer.close()
+  return Run(workdir=workdir, step=step, config=config, tokenizer=tokenizer, model=model, params=params)
