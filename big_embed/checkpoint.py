@@ -35,12 +35,14 @@ def _explain(err: BaseException, directory: pathlib.Path, latest: int | None) ->
 class Checkpointer:
   """Keeps the newest `max_to_keep` checkpoints of (state, meta, data_iter) under `directory`."""
 
-  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, async_save: bool = True,
+               create: bool = True):
+    """`create=False` opens an existing directory only (e.g. to read another run); nothing is created."""
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                             create=True),
+                                             create=create),
         item_names=("state", "meta", "data_iter"))
 
   def latest_step(self) -> int | None:
@@ -48,6 +50,9 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
 
   def save(self, step: int, state: Any, meta: dict, data_iter: Any | None = None, *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}

@@ -90,13 +90,16 @@ def _default_mesh():
 
 
 def load_pretrained(name_or_path: str, mesh=None, **model_overrides) -> TextEncoder:
-  """A pretrained HF-format BERT ("minilm" or a directory) as loaded, with its own tokenizer."""
+  """A pretrained HF-format BERT ("minilm" or a directory) as loaded, with its own tokenizer; texts are cut at the
+  checkpoint's sentence-transformers `max_seq_length` when it has one (256 for MiniLM), else at 128 tokens."""
   mesh = mesh or _default_mesh()
+  path = pretrained.resolve_pretrained(name_or_path)
   cfg = config_schema.model_defaults("text")
   cfg.pretrained = name_or_path
+  cfg.max_text_len = pretrained.max_seq_length(path) or cfg.max_text_len
   cfg.update(model_overrides)
   kind = models.kind_of(cfg)
-  tokenizer = pretrained.load_tokenizer(pretrained.resolve_pretrained(name_or_path))
+  tokenizer = pretrained.load_tokenizer(path)
   model = kind.build(cfg, tokenizer.vocab_size)
   init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), kind.example_batch(cfg))["params"])()
   params = pretrained.merge_pretrained(jax.device_get(nn.unbox(init)), kind.pretrained_params(cfg))
@@ -112,10 +115,18 @@ def load_run(workdir: str | os.PathLike[str], step: int | None = None, mesh=None
 
 
 def load(model: str | os.PathLike[str], step: int | None = None, mesh=None) -> TextEncoder:
-  """A run's workdir (a directory with `checkpoints/`), or else a pretrained model name or HF directory."""
+  """A run's workdir (a directory with `checkpoints/`), or else a pretrained model name or HF directory.
+
+  Raises:
+    ConfigError: `model` is neither (the message says what each must look like).
+  """
   if run_lib.is_run(model):
     return load_run(model, step=step, mesh=mesh)
-  return load_pretrained(os.fspath(model), mesh=mesh)
+  try:
+    return load_pretrained(os.fspath(model), mesh=mesh)
+  except pretrained.PretrainedError as err:
+    raise ConfigError(f"--model {os.fspath(model)!r} is neither a run's workdir (a directory with checkpoints/, "
+                      f"written by python -m big_embed.main --workdir ...) nor a pretrained model: {err}") from err
 
 
 def main(argv: Sequence[str]) -> None:
@@ -126,10 +137,12 @@ def main(argv: Sequence[str]) -> None:
     path = pathlib.Path(f.input)
     if not path.is_file():
       raise ConfigError(f"--input {path} does not exist")
-    try:
-      texts = path.read_text(encoding="utf-8").splitlines()
+    try:  # lines end at a newline only (str.splitlines would also break at \f, U+2028, ...)
+      texts = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
       raise ConfigError(f"--input {path} is not UTF-8 text ({err}); give one text per line") from err
+    if not texts[-1]:  # the final newline ends the last line
+      texts.pop()
     encoder = load(f.model)
     emb = encoder.encode(texts, batch_size=f.batch_size, role=f.role)
     out = pathlib.Path(f.output)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -104,8 +105,11 @@ def filter_negatives(cand_scores: np.ndarray, cand_docs: np.ndarray, positive_do
 
 
 def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negatives: int, margin_abs: float,
-         margin_rel: float, batch_size: int) -> str:
-  """Mines hard negatives for retrieval task `task_name` of `config`; returns the output directory."""
+         margin_rel: float, batch_size: int, command: str = "") -> str:
+  """Mines hard negatives for retrieval task `task_name` of `config`; returns the output directory.
+
+  `command` (the command line that reruns this mining) is recorded in the set's meta.json.
+  """
   tasks = text_tasks.resolve_tasks(config.data, config.train.batch_size) if config.data.get("tasks") else {}
   retrieval = [n for n, t in tasks.items() if t.type == "retrieval"]
   if not task_name:
@@ -153,8 +157,8 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   padded_scores[:len(neg)] = neg_scores
   name = name or f"{task_name}_{pathlib.Path(str(model)).expanduser().name or 'model'}"
   out = mined_negatives.mined_dir(data_dir, name)
-  meta = {"command": " ".join(sys.argv), "task": task_name, "model": str(model), "model_step": encoder.step, "top_k": top_k,
-          "num_negatives": num_negatives, "margin_abs": margin_abs, "margin_rel": margin_rel,
+  meta = {"command": command, "task": task_name, "model": str(model), "model_step": encoder.step,
+          "top_k": top_k, "num_negatives": num_negatives, "margin_abs": margin_abs, "margin_rel": margin_rel,
           "dropped": stats, "positive_rank1": float(np.mean(cand_docs[:, 0] == positive))}
   mined_negatives.write_mined_negatives(out, source_dataset=task.dataset, split=task.split,
                                         query_field=query_field, doc_field=doc_field, negatives=neg_records,
@@ -173,7 +177,7 @@ def main(argv: Sequence[str]) -> None:
   with exit_on_user_error():
     mine(_CONFIG.value, _TASK.value, _MODEL.value, _NAME.value, top_k=_TOP_K.value,
          num_negatives=_NUM_NEGATIVES.value, margin_abs=_MARGIN_ABS.value, margin_rel=_MARGIN_REL.value,
-         batch_size=_BATCH_SIZE.value)
+         batch_size=_BATCH_SIZE.value, command=shlex.join(["python", "-m", "big_embed.mine", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

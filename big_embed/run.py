@@ -86,12 +86,15 @@ def restore_run(workdir: str | os.PathLike[str], mesh, step: int | None = None) 
     ConfigError: no checkpoint, no tokenizer.json, or no such step.
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
+  no_checkpoint = ConfigError(f"{workdir} holds no checkpoint; train a model there first (python -m "
+                              f"big_embed.main --config ... --workdir {workdir})")
+  if not is_run(workdir):
+    raise no_checkpoint
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir), async_save=False, create=False)
   try:
     step = checkpointer.latest_step() if step is None else int(step)
     if step is None:
-      raise ConfigError(f"{workdir} holds no checkpoint; train a model there first (python -m big_embed.main "
-                        f"--config ... --workdir {workdir})")
+      raise no_checkpoint
     if step not in checkpointer.all_steps():
       raise ConfigError(f"{workdir} has no checkpoint at step {step}; its steps: {checkpointer.all_steps()}")
     tok_path = workdir / TOKENIZER_FILE

@@ -1,4 +1,4 @@
-"""Quickstart: a small CLIP (ViT + Transformer) on emoji pairs and captioned Fashion-MNIST, a few minutes on 2 CPU cores.
+"""Quickstart: a small CLIP (ViT + Transformer) on emoji pairs and captioned Fashion-MNIST, minutes on 2 CPU cores.
 
     python -m big_embed.data.prepare emoji fashion_mnist
     python -m big_embed.main --config configs/quickstart.py --workdir runs/quickstart

@@ -22,7 +22,8 @@ def _text_config(loss, **types):
 @pytest.mark.parametrize("loss,types,message", [
     (cu.loss("hybrid"), dict(a="retrieval", b="multilabel"),
      r"loss 'hybrid' trains only on retrieval/sts/classification tasks, but config\.data\.tasks has b \(multilabel\)"),
-    (cu.loss("dexml"), dict(a="retrieval"), r"trains only on multilabel tasks, but config\.data\.tasks has a \(retrieval\)"),
+    (cu.loss("dexml"), dict(a="retrieval"),
+     r"trains only on multilabel tasks, but config\.data\.tasks has a \(retrieval\)"),
     (cu.loss("infonce"), dict(a="retrieval", b="sts"), r"has b \(sts\); remove them or pick a loss for them \(one of "
                                                        r"hybrid\)"),
     (cu.loss("cosent"), dict(a="retrieval"), r"loss 'cosent' trains only on sts tasks"),

@@ -70,7 +70,8 @@ def test_tie_rule_lower_index_first_in_both():
   assert retrieval.paired_recall_at_k(paired, ks=(1, 2)) == {1: pytest.approx(200 / 3), 2: pytest.approx(100.0)}
   # A collapsed model (every score equal) ranks the gallery 0, 1, 2, ...: chance-like, not perfect.
   n = 20
-  assert retrieval.paired_recall_at_k(np.zeros((n, n)), ks=(1, 5)) == {1: pytest.approx(100 / n), 5: pytest.approx(500 / n)}
+  assert retrieval.paired_recall_at_k(np.zeros((n, n)), ks=(1, 5)) == {1: pytest.approx(100 / n),
+                                                                        5: pytest.approx(500 / n)}
   labels = np.arange(10) % 4
   assert zero_shot.topk_accuracy(np.zeros((10, 4)), labels, 1) == pytest.approx(np.mean(labels == 0))
 

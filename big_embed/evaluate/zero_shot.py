@@ -34,12 +34,11 @@ class ZeroShot:
   """Settings: dataset (a prepared labelled image dataset), split. Metrics: top1, top5 (percent)."""
 
   def __init__(self, settings, ctx: registry.EvalContext):
-    self.ctx = ctx
     data = pipeline.load_zero_shot_set(settings.dataset, ctx.data_dir, image_size=ctx.image_size,
                                        split=settings.split)
     self.images, self.labels, self.class_names = data["images"], data["labels"], data["class_names"]
-    self.templates = list(settings.get("templates", None) or data["templates"])
-    self.desc = f"zero-shot {settings.dataset}"
+    self.templates = list(settings.get("templates", None) or data["templates"])  # [T] "a photo of a {}."
+    self.ctx, self.desc = ctx, f"zero-shot {settings.dataset}"
 
   def run(self, params) -> dict[str, float]:
     classes = class_embeddings(self.ctx.encoder, params, self.ctx.tokenizer, self.class_names, self.templates,

@@ -88,6 +88,18 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
   return dict(_read_config(str(f), f.stat().st_mtime_ns))
 
 
+def max_seq_length(path: str | os.PathLike[str]) -> int | None:
+  """The checkpoint's sentence-transformers `max_seq_length` (sentence_bert_config.json), None if it has none."""
+  f = pathlib.Path(path) / "sentence_bert_config.json"
+  if not f.is_file():
+    return None
+  try:
+    value = json.loads(f.read_text(encoding="utf-8")).get("max_seq_length")
+  except (OSError, ValueError) as e:
+    raise PretrainedError(f"cannot read {f} ({e})") from e
+  return int(value) if value else None
+
+
 def bert_kwargs(path: str | os.PathLike[str], num_layers: int | None = None) -> dict[str, Any]:
   """`BertEncoder` fields from `<path>/config.json`, keeping only the first `num_layers` layers if given.
 

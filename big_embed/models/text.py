@@ -13,7 +13,6 @@ class TextTransformer(transformer.Tower):
 
   vocab_size: int
   max_len: int
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):

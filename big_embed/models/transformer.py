@@ -6,6 +6,8 @@ onto the mesh (FSDP over `embed`, tensor parallelism over `mlp`/`heads`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -84,6 +86,7 @@ class Tower(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
+  dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)  # compute dtype (params stay float32)
 
   def encode(self, x, mask=None):  # [B, T, width] -> [B, T, width]
     return Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x, mask)

@@ -13,7 +13,6 @@ class ViT(transformer.Tower):
 
   image_size: int
   patch_size: int
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images):

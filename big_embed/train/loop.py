@@ -83,14 +83,35 @@ def _restore_state(exp: Experiment, step: int, data_iter=None):
   return state
 
 
-def _check_finite(exp: Experiment, step: int, metrics: dict) -> None:
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
+def _check_finite(exp: Experiment, checked: list[tuple[int, float, float]]) -> None:
+  """Stops the run at the first step whose loss or gradient norm is not finite.
+
+  `checked`: (step, loss, grad_norm) of every step since the last check. The loss of step t is computed from the
+  parameters after step t - 1, so a non-finite loss at step t condemns the checkpoint of step t - 1 (a resumed
+  run would replay the same batch on the same parameters); a non-finite gradient norm condemns step t's own
+  update. Condemned checkpoints are removed, so that rerunning with a lower learning rate resumes from the last
+  good one.
+
+  Raises:
+    TrainingError: naming the step, the fix, and the checkpoint a rerun resumes from.
+  """
+  for step, loss, grad_norm in checked:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+      continue
+    what, first_bad = (f"the loss became {loss}", step - 1) if not math.isfinite(loss) else (
+        f"the gradient norm became {grad_norm}", step)
     ckpt = exp.checkpointer
-    raise TrainingError(
-        f"the loss became {loss} at step {step}; lower config.train.learning_rate (now "
-        f"{exp.config.train.learning_rate}) or config.train.grad_clip_norm; the last good checkpoint "
-        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+    ckpt.wait()
+    removed = [s for s in ckpt.all_steps() if s >= first_bad]
+    for s in removed:
+      ckpt.delete(s)
+    latest = ckpt.latest_step()
+    kept = (f"the last good checkpoint (step {latest}) in {ckpt.directory} is kept" if latest is not None else
+            f"no checkpoint before it is kept in {ckpt.directory}: a rerun starts from scratch")
+    gone = f"the checkpoint(s) of step {', '.join(map(str, removed))} were removed (their parameters give it); " \
+        if removed else ""
+    raise TrainingError(f"{what} at step {step}; lower config.train.learning_rate (now "
+                        f"{exp.config.train.learning_rate}) or config.train.grad_clip_norm and rerun; {gone}{kept}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -126,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_sharding = mesh_lib.batch_sharding(exp.mesh)  # every batch leaf: leading dim over data x fsdp
 
   results: dict = {}
+  unchecked: list = []  # (step, loss, grad_norm) on the device since the last check: fetched with the metrics
   step = start
   pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
@@ -138,13 +160,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
       state, metrics = train_step(state, batch, teacher_params, task)
       step += 1
+      unchecked.append((step, metrics["loss"], metrics["grad_norm"]))
       pbar.update(1)
       is_last = step == cfg.steps
       stopping = stop.requested(step)
       save_now = step % cfg.checkpoint_every == 0 or is_last or stopping
       if step % cfg.log_every == 0 or save_now:
-        metrics = jax.device_get(metrics)
-        _check_finite(exp, step, metrics)
+        metrics, checked = jax.device_get((metrics, unchecked))
+        unchecked.clear()
+        _check_finite(exp, checked)
         now = time.perf_counter()
         rate = samples / max(now - t_last, 1e-9)
         t_last, samples = now, 0

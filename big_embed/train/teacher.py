@@ -45,8 +45,9 @@ def load_teacher(teacher_config: ml_collections.ConfigDict, mesh, tokenizer: Tok
   except ConfigError as err:
     raise ConfigError(f"config.teacher.workdir: {err}") from err
   if teacher.tokenizer != tokenizer:
-    raise ConfigError(f"the teacher in {teacher.workdir} was trained with a different tokenizer; train teacher "
-                      "and student on the same prepared data (config.data.data_dir)")
+    raise ConfigError(f"the teacher in {teacher.workdir} was trained with a different tokenizer; give teacher and "
+                      "student the same one: the same prepared data (config.data.data_dir), or the same pretrained "
+                      "text model")
   outputs = models.kind_of(teacher.config.model).outputs
   unknown = sorted(set(teacher_config.outputs) - set(outputs))
   if unknown:
