@@ -30,7 +30,8 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn>=1.5"],  # scikit-learn: independent metric and probe references
+        # scikit-learn: independent metric and probe references; portpicker: ports for multi-process tests.
+        "test": ["pytest", "hypothesis", "scikit-learn>=1.5", "portpicker"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel", "matplotlib"],
     },
     entry_points={"console_scripts": ["big-embed=big_embed.main:run"]},

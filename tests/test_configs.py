@@ -103,3 +103,12 @@ def test_text_task_fields():
     config_utils.text_task(kind="sts")
   with pytest.raises(ConfigError, match="no role"):
     config_utils.text_task(fields={"passage": "doc"})
+
+
+def test_inference_entry_points_do_not_import_the_trainer():
+  """`encode` and `mine` restore runs through `big_embed.run`; the training package stays out of them."""
+  script = "import sys, big_embed.encode, big_embed.mine; print(sorted(m for m in sys.modules if 'big_embed.train' in m))"
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tiny.ROOT, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"

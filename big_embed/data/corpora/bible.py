@@ -29,6 +29,7 @@ import pathlib
 import re
 from collections.abc import Mapping
 
+from pysword.modules import SwordModules
 import tensorflow_datasets as tfds
 
 from big_embed.data import debian
@@ -102,8 +103,6 @@ def find_module(package: str) -> tuple[pathlib.Path, str]:
 
 def _open_raw(sword_dir: pathlib.Path, module: str):
   """Opens SWORD `module` with pysword so that verse texts come back as undecoded bytes."""
-  from pysword.modules import SwordModules  # pylint: disable=g-import-not-at-top
-
   modules = SwordModules(str(sword_dir))
   try:
     found = modules.parse_modules()
