@@ -15,7 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from big_embed import config_utils
-from big_embed.errors import exit_on_user_error
+from big_embed.errors import UserError, exit_on_user_error
 
 _CONFIG_HELP = "Recipe file, e.g. configs/quickstart.py[:arg]."
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -44,6 +44,16 @@ def main(argv):
       loop.evaluate_checkpoint(flags.FLAGS.config, _WORKDIR.value)
 
 
+def _recipe_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(the value of --config, argv without it)."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1], argv[:i] + argv[i + 2:]
+    if arg.startswith("--config="):
+      return arg[len("--config="):], argv[:i] + argv[i + 1:]
+  return None, argv
+
+
 def _define_config_flag(argv: list[str]) -> list[str]:
   """Defines --config; returns the argv to parse.
 
@@ -52,18 +62,14 @@ def _define_config_flag(argv: list[str]) -> list[str]:
   the recipe is loaded here with its loss resolved (importing the loss library, and JAX), and --config is that
   config. Otherwise the recipe loads lazily, without JAX, and flag errors come at once.
   """
-  for i, arg in enumerate(argv):
-    recipe = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg[len("--config="):]
-    if (arg == "--config" and i + 1 < len(argv)) or arg.startswith("--config="):
-      if any(a.startswith("--config.loss.") for a in argv):
-        from big_embed import losses  # pylint: disable=g-import-not-at-top  (JAX only when a loss field is set)
-        path, _, recipe_arg = recipe.partition(":")
-        config = config_utils.load_recipe(path, recipe_arg or None)
-        config.loss = losses.resolve(config.loss)
-        rest = argv[:i] + argv[i + (2 if arg == "--config" else 1):]
-        config_flags.DEFINE_config_dict("config", config, _CONFIG_HELP, lock_config=True, sys_argv=rest)
-        return rest
-      break
+  recipe, rest = _recipe_flag(argv)
+  if recipe is not None and any(a.startswith("--config.loss.") for a in rest):
+    from big_embed import losses  # pylint: disable=g-import-not-at-top  (JAX only when a loss field is set)
+    path, _, recipe_arg = recipe.partition(":")
+    config = config_utils.load_recipe(path, recipe_arg or None)
+    config.loss = losses.resolve(config.loss)
+    config_flags.DEFINE_config_dict("config", config, _CONFIG_HELP, lock_config=True, sys_argv=rest)
+    return rest
   config_flags.DEFINE_config_file("config", None, _CONFIG_HELP, lock_config=True)
   flags.mark_flag_as_required("config")
   return argv
@@ -80,6 +86,8 @@ def _parse_flags(argv):
     if "Traceback" in message:  # the recipe raised: its exception (the traceback's last line) is the message
       last = message.strip().splitlines()[-1]
       message = f"--config: {last.split(': ', 1)[-1] if last.split(':', 1)[0].endswith('Error') else last}"
+  except UserError as err:  # a recipe argument or a loss field, checked while the recipe loads
+    message = str(err)
   except (AttributeError, KeyError) as err:  # ml_collections: an override names a field the config lacks
     message = "unknown config field " + str(err).strip("'\"").replace("\\n", " ")
   except Exception as err:  # pylint: disable=broad-except  (errors raised while loading the config file)

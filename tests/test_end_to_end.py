@@ -14,6 +14,8 @@ import portpicker
 import pytest
 
 from big_embed import checkpoint as ckpt_lib
+from big_embed import run as run_lib
+from big_embed.parallel import mesh as mesh_lib
 from big_embed.train import experiment
 from tests import tiny
 
@@ -137,6 +139,15 @@ def test_bad_input_is_one_actionable_line(tmp_path, data_dir, name, overrides, e
   assert "Traceback" not in proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
+
+
+def test_any_loss_field_can_be_overridden(tmp_path, data_dir):
+  """The recipe sets only some of the loss's fields; an override of another one reaches the run's saved config."""
+  assert "tile_size" not in tiny.recipe("quickstart", "tiny").loss
+  proc = _run(tmp_path / "wd", data_dir, "--config.train.steps=2", "--config.loss.tile_size=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = run_lib.restore_run(tmp_path / "wd", mesh_lib.make_mesh({"data": -1})).config
+  assert saved.loss.tile_size == 4 and saved.loss.temperature == 0.07  # the override, and a recipe field
 
 
 def test_missing_dataset_and_unwritable_workdir(tmp_path):

@@ -110,7 +110,8 @@ def check_task_types(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.ConfigDict, dict]:
-  """Every check that needs no data read and nothing compiled; returns (config with `loss` resolved, text tasks).
+  """Every check of the config before anything is built or compiled (of the data, only the prepared datasets'
+  features are read); returns (the config with `loss` resolved, the text tasks).
 
   Raises:
     ConfigError (or another UserError): the first problem, in one line naming the field and the fix.

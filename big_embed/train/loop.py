@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 from tqdm import auto as tqdm
 
-from big_embed import evaluate
 from big_embed import checkpoint as ckpt_lib
+from big_embed import evaluate
 from big_embed import metrics as metrics_lib
 from big_embed.errors import ConfigError, TrainingError
 from big_embed.parallel import mesh as mesh_lib
