@@ -14,15 +14,11 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from big_embed.data import paths
 from big_embed.data.errors import DataError
-
-if TYPE_CHECKING:
-  from big_embed.data.text_tasks import TaskSpec
 
 MINED_DIR = "mined"
 MINED_FORMAT = "big_embed.mined_negatives"
@@ -127,34 +123,3 @@ def read_mined_negatives(directory: str | os.PathLike[str]) -> MinedNegatives:
                     f"{scores.shape}, meta.json says ({info['num_records']}, {info['num_negatives']}); "
                     "mine it again")
   return MinedNegatives(negatives.astype(np.int64), scores.astype(np.float32), info)
-
-
-def read_for_task(spec: TaskSpec, data_dir: str | None, num_records: int) -> MinedNegatives:
-  """The mined set of retrieval task `spec` (`spec.mined`), checked to match it; `num_records` is the record count
-  of the task's split.
-
-  Raises:
-    DataError: missing, corrupt, or mined for another dataset / split / fields / record count, or with
-      fewer than num_negatives negatives per query ("re-mine with ...").
-  """
-  directory = mined_dir(data_dir, spec.mined)
-  if not (directory / "meta.json").is_file():
-    raise DataError(f"No mined hard-negative set {spec.mined!r} in {directory.parent}; mine it first: python -m "
-                    f"big_embed.mine --config <this recipe> --task {spec.name} --name {spec.mined} (or set "
-                    f"config.data.tasks.{spec.name}.num_negatives=0 and mined='')")
-  mined = read_mined_negatives(directory)
-  info = mined.info
-  want = {"source_dataset": spec.dataset, "split": spec.split, "query_field": spec.fields["query"],
-          "doc_field": spec.fields["doc"], "num_records": num_records}
-  wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
-  if not wrong and info["num_negatives"] < spec.num_negatives:
-    wrong = {"num_negatives": (info["num_negatives"], f">= {spec.num_negatives}")}
-  if wrong:
-    how = info.get("meta", {}).get("command") if isinstance(info.get("meta"), dict) else None
-    raise DataError(
-        f"Mined hard-negative set {directory} does not match task {spec.name!r}: "
-        + ", ".join(f"{k} is {have!r}, the task needs {need!r}" for k, (have, need) in wrong.items())
-        + f". Re-mine with dataset={spec.dataset!r}, split={spec.split!r}, query field {spec.fields['query']!r}, "
-        f"doc field {spec.fields['doc']!r} and at least {spec.num_negatives} negatives per query"
-        + (f" (it was mined with: {how})" if how else "") + ", or lower the task's num_negatives")
-  return mined

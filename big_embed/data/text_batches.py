@@ -41,6 +41,7 @@ import grain
 import numpy as np
 
 from big_embed.data import mined_negatives, seeds, text_records, text_tasks
+from big_embed.data.errors import DataError
 from big_embed.data.text_tasks import TaskSpec
 from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError
@@ -249,8 +250,39 @@ def open_task(spec: TaskSpec, reader: text_records.ColumnReader, features: Any, 
   extra = {}
   if spec.type == "retrieval":
     num_records = len(next(iter(columns.values())))
-    extra["mined"] = (mined_negatives.read_for_task(spec, data_dir, num_records) if spec.num_negatives else None)
+    extra["mined"] = (read_mined_for(spec, data_dir, num_records) if spec.num_negatives else None)
   if spec.type in ("classification", "multilabel"):
     label = spec.fields["label"]
     extra["labels"] = text_records.label_vocab(features[label], columns[label])
   return _BATCHES[spec.type](spec, columns, **extra, **common)
+
+
+def read_mined_for(spec: TaskSpec, data_dir: str | None, num_records: int) -> mined_negatives.MinedNegatives:
+  """The mined set of retrieval task `spec` (`spec.mined`), checked to match it; `num_records` is the record count
+  of the task's split.
+
+  Raises:
+    DataError: missing, corrupt, or mined for another dataset / split / fields / record count, or with
+      fewer than num_negatives negatives per query ("re-mine with ...").
+  """
+  directory = mined_negatives.mined_dir(data_dir, spec.mined)
+  if not (directory / "meta.json").is_file():
+    raise DataError(f"No mined hard-negative set {spec.mined!r} in {directory.parent}; mine it first: python -m "
+                    f"big_embed.mine --config <this recipe> --task {spec.name} --name {spec.mined} (or set "
+                    f"config.data.tasks.{spec.name}.num_negatives=0 and mined='')")
+  mined = mined_negatives.read_mined_negatives(directory)
+  info = mined.info
+  want = {"source_dataset": spec.dataset, "split": spec.split, "query_field": spec.fields["query"],
+          "doc_field": spec.fields["doc"], "num_records": num_records}
+  wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+  if not wrong and info["num_negatives"] < spec.num_negatives:
+    wrong = {"num_negatives": (info["num_negatives"], f">= {spec.num_negatives}")}
+  if wrong:
+    how = info.get("meta", {}).get("command") if isinstance(info.get("meta"), dict) else None
+    raise DataError(
+        f"Mined hard-negative set {directory} does not match task {spec.name!r}: "
+        + ", ".join(f"{k} is {have!r}, the task needs {need!r}" for k, (have, need) in wrong.items())
+        + f". Re-mine with dataset={spec.dataset!r}, split={spec.split!r}, query field {spec.fields['query']!r}, "
+        f"doc field {spec.fields['doc']!r} and at least {spec.num_negatives} negatives per query"
+        + (f" (it was mined with: {how})" if how else "") + ", or lower the task's num_negatives")
+  return mined
