@@ -21,18 +21,16 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+import harness
 
 GIB = 2**30
 
 
 def _child(args):
-  # Cap the address space before the runtime starts (headroom: the runtime reserves virtual memory it never
-  # touches); the exact budget check against `mem_cap_gib` uses XLA's own buffer sizes below.
-  cap = int((args.mem_cap_gib + args.headroom_gib) * GIB)
-  resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+  harness.cap_address_space(args)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -94,27 +92,10 @@ def _parent(args):
   for impl in args.impls.split(","):
     for n in sizes:
       iters = args.iters if args.iters > 0 else (2 if n <= 16384 else 1)
-      cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--n", str(n), "--d",
-             str(args.d), "--tile_size", str(args.tile_size), "--iters", str(iters), "--mem_cap_gib",
-             str(args.mem_cap_gib), "--headroom_gib", str(args.headroom_gib)]
-      env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-      t = time.perf_counter()
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, env=env, check=False)
-      except subprocess.TimeoutExpired:
-        print(json.dumps({"impl": impl, "n": n, "d": args.d, "error": f"timeout after {args.timeout_s} s"}),
-              flush=True)
-        continue
-      lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-      if proc.returncode == 0 and lines and "status" not in lines[-1]:
-        print(json.dumps(lines[-1]), flush=True)
-      else:  # crashed (e.g. out of memory under the cap) or killed: keep what the child had measured
-        last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
-        out = {k: v for k, v in (lines[-1] if lines else {"impl": impl, "n": n, "d": args.d}).items()
-               if k != "status"}
-        out["error"] = f"exit code {proc.returncode}: {last[0][-300:]}"
-        out["wall_s"] = round(time.perf_counter() - t, 1)
-        print(json.dumps(out), flush=True)
+      cmd = [os.path.abspath(__file__), "--child", "--impl", impl, "--n", str(n), "--d", str(args.d),
+             "--tile_size", str(args.tile_size), "--iters", str(iters), "--mem_cap_gib", str(args.mem_cap_gib),
+             "--headroom_gib", str(args.headroom_gib)]
+      harness.run_child(cmd, {"impl": impl, "n": n, "d": args.d}, args.timeout_s)
 
 
 def main():
@@ -124,10 +105,7 @@ def main():
   p.add_argument("--d", type=int, default=512)
   p.add_argument("--tile_size", type=int, default=512)
   p.add_argument("--iters", type=int, default=0, help="timed steps after the warm-up (0: 2 up to N=16384, else 1)")
-  p.add_argument("--mem_cap_gib", type=float, default=12.0, help="budget for XLA buffers of one run")
-  p.add_argument("--headroom_gib", type=float, default=4.0, help="extra address space for the runtime itself")
-  p.add_argument("--timeout_s", type=int, default=7200)
-  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  harness.add_cap_flags(p, mem_cap_gib=12.0)
   p.add_argument("--impl", default="tiled", help=argparse.SUPPRESS)
   p.add_argument("--n", type=int, default=4096, help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -32,6 +32,7 @@ class Field(NamedTuple):
 
 MODEL_TYPES = ("two_tower", "text")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "block", "dots")
 POOLINGS = ("mean", "cls")
 TASK_TYPES = ("retrieval", "sts", "classification", "multilabel")
 # Record-field roles a text task reads (config.data.tasks.<name>.fields.<role> names the record field).
@@ -59,6 +60,8 @@ TRAIN = {
     "b1": Field(0.9, "Adam beta1"),
     "b2": Field(0.98, "Adam beta2"),
     "grad_clip_norm": Field(1.0, "clip the global gradient norm to this (0: no clipping)"),
+    "embed_chunk_size": Field(0, "> 0: exact gradient caching, the towers embed this many rows per device at a "
+                              "time (activation memory of one chunk; the loss still sees the whole batch); 0: off"),
     "log_every": Field(25, "steps between metric records (metrics.jsonl, TensorBoard)"),
     "eval_every": Field(250, "steps between evaluations (and one at the end)"),
     "checkpoint_every": Field(100, "steps between checkpoints (and one at the end)"),
@@ -69,6 +72,16 @@ _TOWER = {
     "depth": Field(4, "Transformer blocks"),
     "num_heads": Field(4, "attention heads"),
     "mlp_dim": Field(384, "MLP hidden width"),
+    "dropout": Field(0.0, "dropout rate (0 <= rate < 1) on the attention and MLP outputs while training"),
+    "attention_dropout": Field(0.0, "dropout rate (0 <= rate < 1) on the attention probabilities while training"),
+}
+# The layer stack of every tower (ViT, text Transformer, BERT): models/layers.py.
+_LAYER_STACK = {
+    "remat": Field("none", "rematerialise in the backward: 'none', 'block' (keep only each block's input) or "
+                   "'dots' (keep the blocks' weight-matmul outputs, recompute the rest); on CPU it saves memory "
+                   "only with scan_layers", REMATS),
+    "scan_layers": Field(False, "nn.scan over the blocks (params stacked on a leading 'layers' axis): faster "
+                         "compiles; checkpoints resume only with the same setting", (False, True)),
 }
 TWO_TOWER_MODEL = {
     "type": Field("two_tower", "model kind: 'two_tower' (image-text CLIP) or 'text' (one shared BERT tower)",
@@ -82,8 +95,9 @@ TWO_TOWER_MODEL = {
     "text": {**_TOWER, "width": Field(128, "hidden width"), "depth": Field(2, "Transformer blocks"),
              "mlp_dim": Field(512, "MLP hidden width")},
     "text_pretrained": Field("", "start the text side from a BERT checkpoint ('minilm' or a Hugging Face "
-                             "directory; '' = the Transformer above, random init)"),
+                             "directory; '' = the Transformer above, random init); text.dropout is its dropout"),
     "text_pretrained_layers": Field(0, "layers of text_pretrained to keep (0 = all)"),
+    **_LAYER_STACK,
 }
 TEXT_MODEL = {
     "type": TWO_TOWER_MODEL["type"]._replace(default="text"),
@@ -105,6 +119,7 @@ TEXT_MODEL = {
     "max_text_len": Field(128, "tokens per text, [CLS]/[SEP] included (at most the model's positions)"),
     "dropout": Field(0.0, "BERT dropout rate while training (embeddings, attention, block outputs)"),
     "dtype": TWO_TOWER_MODEL["dtype"],
+    **_LAYER_STACK,
     "query_prefix": Field("", "put before every query text, e.g. 'query: '"),
     "doc_prefix": Field("", "put before every document, key, label and hard-negative text, e.g. 'passage: '"),
 }

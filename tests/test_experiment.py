@@ -64,6 +64,7 @@ def test_check_config_resolves_the_loss_and_checks_the_mesh():
       ("batch_size", 12, r"config\.train\.batch_size=12 is not divisible by the 8 data-parallel shards"),
       ("steps", 0, r"config\.train\.steps must be > 0"),
       ("learning_rate", -1.0, r"config\.train\.learning_rate must be > 0"),
+      ("embed_chunk_size", -4, r"config\.train\.embed_chunk_size must be an int >= 0"),
   ]:
     bad = tiny.recipe("quickstart", "tiny")
     bad.train[field] = value

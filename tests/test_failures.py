@@ -150,3 +150,16 @@ def test_teacher_outputs_the_model_does_not_return_are_a_config_error(data_dir, 
                      r"does not return; use some of \['image', 'text'\]$"):
     loop.train_and_evaluate(cfg, str(tmp_path / "student"))
   _assert_no_step_ran(tmp_path / "student")
+
+
+def test_resuming_with_the_other_layer_layout_names_scan_layers(tmp_path, data_dir):
+  """A checkpoint written with unrolled layers does not resume into scanned ones (the optimizer moments keep the
+  saved layout): one error line naming config.model.scan_layers and the value to resume with."""
+  cfg = tiny.tiny_config(data_dir, steps=2)
+  workdir = _train(cfg, tmp_path / "run")
+  proc = _main("configs/quickstart.py:tiny", workdir, data_dir, "--config.train.steps=4",
+               "--config.model.scan_layers=True")
+  line = _error_line(proc)
+  assert "config.model.scan_layers=True but the checkpoint was written with scan_layers=False" in line, line
+  assert "--config.model.scan_layers=False" in line, line
+  assert _checkpoint_steps(workdir) == [2]

@@ -26,14 +26,19 @@ Masks per (row, column):
 How it runs (`reduce_rows`): keys are padded to a multiple of `tile_size` (padded columns are masked) and
 reshaped to `[n_tiles, tile, d]`; a `lax.scan` walks the tiles, its body under `jax.checkpoint`, so the
 backward pass recomputes each `[rows, tile]` block instead of storing it. Activation memory is
-O(rows_local × tile) plus O(N·d) for the keys; results do not depend on the tile size. Per-row extra
-columns (`Extra`: hard negatives `[R, H, d]`, candidate sets with teacher scores) are one more small block.
+O(rows_local × tile) plus the keys (O(N·d) all-gathered, O(N/P·d) on the ring); results do not depend on the tile
+size. Per-row extra columns (`Extra`: hard negatives `[R, H, d]`, candidate sets with teacher scores) are one more
+small block.
 
 Sharding: call the engine inside `jax.shard_map` over the batch axes (`shard`, from `spmd`) with local queries
 `[B_local, d]` and local keys. `key_mode` picks where the other devices' keys come from: "gather"
-(`lax.all_gather(tiled=True)`, differentiable: its transpose is a reduce-scatter), "ring" (the local key block
-is passed round the devices with `lax.ppermute`, W−1 hops: no all-gathered buffer, one block in flight; autodiff
-keeps each hop's block, O(N·d) like the gather) or "local" (this device's keys only, Piccolo2's negatives).
+(`lax.all_gather(tiled=True)`, differentiable: its transpose is a reduce-scatter; O(N·d) per device for the
+gathered keys and their gradient), "ring" (`ring.ring_pass`: the local key block is passed round the P devices
+with `lax.ppermute`; its own backward passes the blocks back round the ring, recomputes each hop and carries each
+block's gradient to its owner, so per-device memory is O(N/P·d + rows_local × tile) and falls as 1/P, for one more
+forward of every tile and 3P−1 block transfers instead of 2(P−1); CLIP at N = 65,536, d = 512 on 8 devices: a
+fifth of the gather's temporaries, benchmarks/RESULTS.md) or "local" (this device's keys only, Piccolo2's
+negatives).
 
 Losses normalise once by the global number of contributing rows (`global_mean`). Fully masked rows give
 `lse = -inf` and are dropped by the loss's row mask; every division and log is guarded so that no NaN reaches
@@ -50,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from big_embed.losses import ring
 from big_embed.losses.spmd import Shards, global_mean, shard  # noqa: F401  (part of the engine's interface)
 
 KEY_MODES = ("gather", "ring", "local")
@@ -346,18 +352,6 @@ def _scan_keys(stats, state, rows: Rows, keys: Keys, coef: _Coef, tile_size: int
   return state
 
 
-def _like_rows(tree, zeros):
-  """Adds a (shard-varying) zero to every leaf, so that scan carries keep one type under shard_map."""
-  z = zeros[0]
-
-  def f(x):
-    if x.dtype == jnp.bool_:
-      return x | (z != 0)
-    return x + z.astype(x.dtype)
-
-  return jax.tree.map(f, tree)
-
-
 def gather_keys(keys: Keys, shards: Shards) -> Keys:
   """All-gathers the local key shard (differentiable: the transpose is a reduce-scatter)."""
   return jax.tree.map(shards.all_gather, keys)
@@ -430,16 +424,12 @@ def reduce_rows(stats: dict[str, Stat], rows: Rows, keys: Keys | None = None, ex
       state = _scan_keys(stats, state, rows, gather_keys(keys, shards), coef, tile_size)
     elif key_mode == "local" or shards.size == 1:
       state = _scan_keys(stats, state, rows, keys, coef, tile_size)
-    else:  # ring: own block first, then W-1 hops of the neighbour's block
-      state = _scan_keys(stats, state, rows, keys, coef, tile_size)
-      keys = _like_rows(keys, zeros)  # the block changes from shard to shard: make every leaf shard-varying
+    else:  # ring: the key blocks travel round the shards; only the keys `k` get gradients
+      def hop(state, fixed, block):
+        (rows_, coef_), (k, rest) = fixed, block
+        return _scan_keys(stats, state, rows_, rest._replace(k=k), coef_, tile_size)
 
-      def hop(carry, _):
-        block, state = carry
-        block = jax.tree.map(shards.to_next, block)
-        return (block, _scan_keys(stats, state, rows, block, coef, tile_size)), None
-
-      (_, state), _ = lax.scan(hop, (keys, state), None, length=shards.size - 1)
+      state = ring.ring_pass(hop, state, (rows, coef), (keys.k, keys._replace(k=None)), shards)
 
   if extra is not None:
     if extra.ka is not None:

@@ -49,6 +49,12 @@ class Shards:
       return x
     return lax.ppermute(x, self.axes, [(i, (i + 1) % self.size) for i in range(self.size)])
 
+  def to_prev(self, x):
+    """Sends this shard's `x` to shard index−1 (a ring step backward)."""
+    if self.size == 1:
+      return x
+    return lax.ppermute(x, self.axes, [(i, (i - 1) % self.size) for i in range(self.size)])
+
 
 def shard(local_fn: Callable, mesh, sharded: dict, replicated: dict):
   """Runs `local_fn(sharded_local, replicated, shards)` under `shard_map`; outputs must be replicated scalars.

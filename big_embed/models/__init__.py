@@ -4,6 +4,7 @@
     model = kind.build(config.model, tokenizer.vocab_size)
     params = model.init(rng, kind.example_batch(config.model))["params"]
     emb = model.apply({"params": params}, batch)       # {"image": [B, D], "text": [B, D]} or {"query": ..., ...}
+    emb = model.apply({"params": params}, chunk, row_ids=ids, rngs={"dropout": key})  # training: row-keyed dropout
 
 A kind also says where its pretrained weights and tokenizer come from (`pretrained_source`, `pretrained_params`,
 `tokenizer_source`) and which embeddings it returns (`outputs`). A new kind is a module with a `KIND` listed here.

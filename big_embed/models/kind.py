@@ -13,7 +13,9 @@ ModelConfig = ml_collections.ConfigDict
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-  """One model kind. Every kind's module has `__call__(batch) -> {output: float32 [N, D] unit vectors}` and
+  """One model kind. Every kind's module has `__call__(batch, row_ids=None) -> {output: float32 [N, D] unit
+  vectors}` (one output per input entry of the batch, each row embedded independently of the others; `row_ids`
+  int32 [N] the rows' global indices, which key the dropout masks, so chunks embed as the whole batch does) and
   `encode_text(tokens [B, L]) -> [B, D]` (a two-tower model also `encode_image(images) -> [B, D]`)."""
 
   name: str

@@ -9,13 +9,13 @@ from big_embed.models import transformer
 
 
 class TextTransformer(transformer.Tower):
-  """int32 tokens [B, L] -> pooled features [B, width]."""
+  """int32 tokens [B, L] -> pooled features float32 [B, width]; `rows`: its dropout RowKeys (None: off)."""
 
   vocab_size: int
   max_len: int
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, rows=None):
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"text has {tokens.shape[1]} tokens, the model allows at most {self.max_len}")
     valid = tokens != 0  # [B, L]
@@ -26,6 +26,6 @@ class TextTransformer(transformer.Tower):
                      (self.max_len, self.width))
     x = x + pos[: tokens.shape[1]].astype(self.dtype)
     mask = nn.make_attention_mask(valid, valid)  # [B, 1, L, L]
-    x = self.encode(x, mask)
-    w = valid[..., None].astype(x.dtype)
+    x = self.encode(x, mask, rows).astype(jnp.float32)
+    w = valid[..., None].astype(jnp.float32)
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)  # [B, D]

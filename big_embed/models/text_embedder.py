@@ -19,6 +19,8 @@ import ml_collections
 
 from big_embed.errors import ConfigError
 from big_embed.models import bert as bert_lib
+from big_embed.models import dropout as dropout_lib
+from big_embed.models import layers
 from big_embed.models import pretrained as pretrained_lib
 from big_embed.models.kind import ModelKind
 from big_embed.ops import l2_normalize
@@ -57,8 +59,9 @@ def bert_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> dic
   if max_text_len > kw.get("max_position_embeddings", 512):
     raise ConfigError(f"config.model.max_text_len={max_text_len} exceeds the model's "
                       f"{kw['max_position_embeddings']} positions; lower it")
-  kw["dropout_rate"] = float(c.get("dropout", 0.0))
+  kw["dropout_rate"] = dropout_lib.check_rate(c.get("dropout", 0.0), "config.model.dropout")
   kw["dtype"] = jnp.dtype(c.get("dtype", "float32"))
+  kw.update(layers.stack_fields(c))
   return kw
 
 
@@ -92,12 +95,13 @@ class TextEmbedder(nn.Module):
                                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                           ("embed", None)))
 
-  def encode_text(self, tokens, deterministic: bool = True):  # int32 [B, L] -> float32 [B, D]
-    return l2_normalize(self.features(tokens, deterministic))
+  def encode_text(self, tokens, rows=None):  # int32 [B, L] -> float32 [B, D]
+    return l2_normalize(self.features(tokens, rows))
 
-  def features(self, tokens, deterministic: bool = True):  # int32 [B, L] -> float32 [B, D], not normalised
-    """Pooled (and scaled / projected) features; a two-tower model projects these for its text side."""
-    hidden = self.bert(tokens, deterministic=deterministic)  # [B, L, H]
+  def features(self, tokens, rows=None):  # int32 [B, L] -> float32 [B, D], not normalised
+    """Pooled (and scaled / projected) features; a two-tower model projects these for its text side. `rows`: the
+    tower's dropout RowKeys (None: no dropout)."""
+    hidden = self.bert(tokens, rows)  # [B, L, H]
     if self.config.get("pooling", "mean") == "cls":
       pooled = hidden[:, 0].astype(jnp.float32)  # [B, H]
     else:
@@ -109,28 +113,34 @@ class TextEmbedder(nn.Module):
       pooled = self.projection(pooled)
     return pooled
 
-  def __call__(self, batch, deterministic: bool | None = None):
+  def __call__(self, batch, row_ids=None):
     """Embeds each present entry of ("query", "key", "hard_negatives", "label") with the shared tower.
 
+    Dropout is on when a "dropout" RNG is given to `apply` (training), row-keyed (`models.dropout`): row r's masks
+    depend only on that RNG, the input's name and row_ids[r], so any split of the batch into chunks (each with its
+    rows' ids) embeds every row as the whole batch does. Each input has its own masks (a query and its key with
+    the same text still differ); hard negative h of row r has the id r * H + h.
+
     Args:
-      batch: dict with int32 tokens query/key/label [N, L] and hard_negatives [B, H, L]; other keys are ignored.
-      deterministic: dropout off; None = off unless a "dropout" RNG is given to `apply` (training).
+      batch: dict with int32 tokens query/key/label [N, L] and hard_negatives [N, H, L]; other keys are ignored.
+      row_ids: int32 [N], the global index of each row, the same for every input (None: 0..N-1 for each input).
 
     Returns:
-      dict with the same keys: [N, D] ([B, H, D] for hard_negatives), float32, unit norm.
+      dict with the same keys: [N, D] ([N, H, D] for hard_negatives), float32, unit norm.
     """
-    if deterministic is None:
-      deterministic = not self.has_rng("dropout")
     out = {}
-    for key in TEXT_INPUTS:
+    call_key = dropout_lib.call_key(self)
+    for site, key in enumerate(TEXT_INPUTS):
       if key not in batch:
         continue
       tokens = batch[key]
+      rows = dropout_lib.row_keys(call_key, row_ids, tokens.shape[0], site)
       if key == "hard_negatives":
         b, h, length = tokens.shape
-        out[key] = self.encode_text(tokens.reshape(b * h, length), deterministic).reshape(b, h, -1)
+        flat = self.encode_text(tokens.reshape(b * h, length), dropout_lib.expand_rows(rows, h))  # [N * H, D]
+        out[key] = flat.reshape(b, h, -1)
       else:
-        out[key] = self.encode_text(tokens, deterministic)
+        out[key] = self.encode_text(tokens, rows)
     if not out:
       raise ValueError(f"the batch has none of the text inputs {TEXT_INPUTS}; it has {sorted(batch)}")
     return out
@@ -150,7 +160,8 @@ def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
   """The checkpoint's part of a `TextEmbedder`'s params ({"bert": ...}, float32 NumPy, unboxed).
 
   Layers absent from the checkpoint (projection, scaling) are not in the tree: `merge_pretrained` puts this
-  into freshly initialised params. The tree sits at the level of the "params" collection's content.
+  into freshly initialised params. With `scan_layers` the layers are stacked (`layers.stack_layers`). The tree
+  sits at the level of the "params" collection's content.
 
   Raises:
     ConfigError: `pretrained` is empty, or the checkpoint is missing / does not fit (`PretrainedError`).
@@ -159,7 +170,8 @@ def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
     raise ConfigError("config.model.pretrained is empty: there are no pretrained weights to load")
   path = pretrained_lib.resolve_pretrained(model_config.pretrained)
   num_layers = int(model_config.get("num_layers", 0) or 0) or None
-  return {"bert": pretrained_lib.load_bert_params(path, num_layers)}
+  bert = pretrained_lib.load_bert_params(path, num_layers)
+  return {"bert": layers.to_layout(bert, layers.stack_fields(model_config)["scan_layers"])}
 
 
 KIND = ModelKind(

@@ -9,13 +9,13 @@ from big_embed.models import transformer
 
 
 class ViT(transformer.Tower):
-  """uint8 images [B, H, W, 3] -> pooled features [B, width]."""
+  """uint8 images [B, H, W, 3] -> pooled features float32 [B, width]; `rows`: its dropout RowKeys (None: off)."""
 
   image_size: int
   patch_size: int
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, rows=None):
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ValueError(f"images are {images.shape[1:3]}, the model expects {self.image_size}x{self.image_size}")
     if self.image_size % self.patch_size:
@@ -31,5 +31,5 @@ class ViT(transformer.Tower):
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
                      (h * w, d))
     x = x + pos.astype(self.dtype)
-    x = self.encode(x)
-    return jnp.mean(x, axis=1)  # [B, D]
+    x = self.encode(x, rows=rows)
+    return jnp.mean(x.astype(jnp.float32), axis=1)  # [B, D]

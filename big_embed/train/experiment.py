@@ -32,6 +32,7 @@ from big_embed.models import pretrained
 from big_embed.models.kind import ModelKind
 from big_embed.parallel import mesh as mesh_lib
 from big_embed.parallel import sharding as sharding_lib
+from big_embed.train import grad_cache
 from big_embed.train import optimizer as optimizer_lib
 from big_embed.train import state as state_lib
 from big_embed.train import step as step_lib
@@ -84,6 +85,9 @@ def _check_train(t: ml_collections.ConfigDict, mesh) -> None:
       raise ConfigError(f"config.train.{name} must be > 0, got {t[name]}")
   if not t.learning_rate > 0:
     raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
+  if not isinstance(t.embed_chunk_size, int) or t.embed_chunk_size < 0:
+    raise ConfigError(f"config.train.embed_chunk_size must be an int >= 0 (rows per device per chunk; 0 = no "
+                      f"gradient caching), got {t.embed_chunk_size!r}")
 
 
 def check_task_types(config: ml_collections.ConfigDict) -> None:
@@ -185,12 +189,16 @@ def make_train_step(exp: Experiment, teacher=None) -> Callable:
   lr_schedule = optimizer_lib.learning_rate_schedule(c.train)
   in_shardings = (exp.state_shardings, mesh_lib.batch_sharding(exp.mesh),
                   jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None)
+  chunking = None
+  if c.train.embed_chunk_size:
+    chunking = grad_cache.Chunking(exp.mesh, c.train.embed_chunk_size, exp.kind.outputs)
   compiled: dict = {}
 
   def step(state, batch, teacher_params=None, task=None):
     if task not in compiled:
       fn = step_lib.make_train_step(exp.model, exp.loss_spec.build(c.loss, exp.mesh, task),
-                                    lambda p: exp.loss_spec.clamp_params(c.loss, p), exp.tx, lr_schedule, teacher)
+                                    lambda p: exp.loss_spec.clamp_params(c.loss, p), exp.tx, lr_schedule, teacher,
+                                    chunking)
       compiled[task] = jax.jit(fn, in_shardings=in_shardings,
                                out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
                                donate_argnums=(0,))

@@ -20,6 +20,7 @@ from big_embed import checkpoint as ckpt_lib
 from big_embed import evaluate
 from big_embed import metrics as metrics_lib
 from big_embed.errors import ConfigError, TrainingError
+from big_embed.models import layers
 from big_embed.parallel import mesh as mesh_lib
 from big_embed.train import experiment as experiment_lib
 from big_embed.train import teacher as teacher_lib
@@ -74,6 +75,7 @@ class _StopSignal:
 
 
 def _restore_state(exp: Experiment, step: int, data_iter=None):
+  layers.check_same_layout(exp.checkpointer.restore_meta(step)["config"]["model"], exp.config.model)
   abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
   try:
     state, _ = exp.checkpointer.restore(step, abstract, data_iter)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from big_embed.train import grad_cache
 from big_embed.train.state import TrainState
 
 
@@ -27,7 +28,8 @@ def make_loss_and_grads(model: nn.Module, loss_fn: Callable) -> Callable:
 
 
 def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Callable,
-                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule, teacher=None):
+                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule, teacher=None,
+                    chunking: grad_cache.Chunking | None = None):
   """Returns train_step(state, batch, teacher_params=None) -> (new_state, metrics).
 
   Towers embed the global batch (sharded over the batch axes) -> the loss reads every device's rows against
@@ -35,13 +37,18 @@ def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Call
   With a `teacher` (train/teacher.py), its frozen embeddings of the batch are added to the batch first.
   `loss_fn(emb, batch, loss_params, step)` is built for one task type of text batches (`LossSpec.build`), so a
   run with several task types compiles one step per type.
+  With a `chunking` (config.train.embed_chunk_size > 0) the towers embed the batch chunk by chunk with exact
+  gradient caching (`grad_cache`), the teacher too; the loss still sees the whole global batch.
   """
 
-  loss_and_grads = make_loss_and_grads(model, loss_fn)
+  if chunking is None:
+    loss_and_grads = make_loss_and_grads(model, loss_fn)
+  else:
+    loss_and_grads = grad_cache.make_cached_loss_and_grads(model, loss_fn, chunking)
 
   def train_step(state: TrainState, batch: dict, teacher_params=None):
     if teacher is not None:
-      batch = teacher.annotate(teacher_params, batch)
+      batch = teacher.annotate(teacher_params, batch, chunking)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = loss_and_grads(state.params, batch, dropout_rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

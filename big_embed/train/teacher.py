@@ -18,6 +18,7 @@ from big_embed import models
 from big_embed import run as run_lib
 from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError
+from big_embed.train import grad_cache
 
 
 @dataclasses.dataclass
@@ -26,10 +27,16 @@ class Teacher:
   params: Any  # restored, sharded by the teacher's own rules on the student's mesh
   outputs: dict[str, str]  # teacher output -> batch key
   step: int
+  inputs: tuple[str, ...] = ()  # the batch entries the teacher's model embeds (its kind's outputs)
 
-  def annotate(self, params, batch: dict) -> dict:
-    """batch + {batch key: stop_gradient(teacher embedding)}; inside the jitted step."""
-    emb = self.model.apply({"params": params}, batch)
+  def annotate(self, params, batch: dict, chunking: grad_cache.Chunking | None = None) -> dict:
+    """batch + {batch key: stop_gradient(teacher embedding)}; inside the jitted step. With a `chunking` the
+    teacher embeds the batch chunk by chunk (the student's gradient-caching chunks)."""
+    if chunking is None:
+      emb = self.model.apply({"params": params}, batch)
+    else:
+      chunking = dataclasses.replace(chunking, inputs=self.inputs)
+      emb = grad_cache.embed_in_chunks(lambda x, _: self.model.apply({"params": params}, x), batch, chunking)
     return {**batch, **{key: jax.lax.stop_gradient(emb[out]) for out, key in self.outputs.items()}}
 
 
@@ -54,4 +61,4 @@ def load_teacher(teacher_config: ml_collections.ConfigDict, mesh, tokenizer: Tok
     raise ConfigError(f"config.teacher.outputs names {unknown}, which the teacher's model does not return; "
                       f"use some of {list(outputs)}")
   return Teacher(model=teacher.model, params=teacher.params, outputs=dict(teacher_config.outputs),
-                 step=teacher.step)
+                 step=teacher.step, inputs=tuple(outputs))
