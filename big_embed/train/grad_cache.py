@@ -91,10 +91,8 @@ class Chunking:
     return {k: self.split(x, b) for k, x in inputs.items()}, self.split(ids, b), b
 
 
-def embed_in_chunks(embed: Callable, batch: dict, chunking: Chunking) -> dict:
-  """`embed(inputs, row_ids) -> {name: [rows, ...]}` applied chunk by chunk, without gradient; the outputs
-  reassembled into the global batch order."""
-  chunks, ids, rows = chunking.chunks(batch)
+def _embed_split(embed: Callable, chunks: dict, ids: jax.Array, rows: int, chunking: Chunking) -> dict:
+  """`embed` over split inputs (`Chunking.chunks`), one chunk per scan step, without gradient; merged back."""
 
   def body(_, chunk):
     x, row_ids = chunk
@@ -102,6 +100,12 @@ def embed_in_chunks(embed: Callable, batch: dict, chunking: Chunking) -> dict:
 
   _, emb = lax.scan(body, None, (chunks, ids))  # {name: [n, P·C, ...]}
   return {k: chunking.merge(v, rows) for k, v in emb.items()}
+
+
+def embed_in_chunks(embed: Callable, batch: dict, chunking: Chunking) -> dict:
+  """`embed(inputs, row_ids) -> {name: [rows, ...]}` applied chunk by chunk, without gradient; the outputs
+  reassembled into the global batch order."""
+  return _embed_split(embed, *chunking.chunks(batch), chunking)
 
 
 def make_cached_loss_and_grads(model: nn.Module, loss_fn: Callable, chunking: Chunking) -> Callable:
@@ -112,11 +116,11 @@ def make_cached_loss_and_grads(model: nn.Module, loss_fn: Callable, chunking: Ch
     def embed(p, x, row_ids):
       return model.apply({"params": p}, x, row_ids=row_ids, rngs={"dropout": dropout_rng})
 
-    emb = embed_in_chunks(lambda x, row_ids: embed(params["model"], x, row_ids), batch, chunking)
+    chunks, ids, rows = chunking.chunks(batch)  # split once: embedded now, replayed below
+    emb = _embed_split(lambda x, row_ids: embed(params["model"], x, row_ids), chunks, ids, rows, chunking)
     (loss, metrics), (emb_grads, loss_grads) = jax.value_and_grad(
         lambda e, lp: loss_fn(e, batch, lp, step), argnums=(0, 1), has_aux=True)(emb, params["loss"])
 
-    chunks, ids, rows = chunking.chunks(batch)
     emb_grads = {k: chunking.split(g, rows) for k, g in emb_grads.items()}  # [n, P·C, ...]
 
     def replay(acc, chunk):
