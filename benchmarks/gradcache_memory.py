@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 
 import harness
@@ -34,69 +33,18 @@ import harness
 GIB = 2**30
 
 
-def _config(workload: str):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from big_embed import config_schema  # pylint: disable=g-import-not-at-top
-  from big_embed import config_utils as cu  # pylint: disable=g-import-not-at-top
-  if workload == "W1":
-    c = config_schema.base_config("two_tower")
-    c.model.update(dict(image_size=64, patch_size=8, max_text_len=32, embed_dim=256))
-    tower = dict(width=256, depth=6, num_heads=4, mlp_dim=1024)
-    c.model.vision.update(tower)
-    c.model.text.update(tower)
-    c.loss = cu.loss("clip")
-    return c, 49408
-  if workload == "text_small":
-    c = config_schema.base_config("text")
-    c.model.update(dict(max_text_len=32, num_layers=2))
-    c.model.bert.update(dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512))
-    c.loss = cu.loss("clip", towers=("query", "key"))
-    return c, 30522
-  raise SystemExit(f"unknown workload {workload!r}")
-
-
 def _child(args):
   harness.cap_address_space(args)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  cfg, vocab = _config(args.workload)
-  from big_embed import losses  # pylint: disable=g-import-not-at-top
-  from big_embed import models  # pylint: disable=g-import-not-at-top
-  from big_embed.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from big_embed.train import grad_cache  # pylint: disable=g-import-not-at-top
-  from big_embed.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  cached = args.mode == "cached"
+  setup = harness.train_setup(args.workload, args.batch, args.dtype, args.tile_size, args.chunk if cached else 0)
   from big_embed.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from big_embed.train import step as step_lib  # pylint: disable=g-import-not-at-top
-
-  cfg.model.dtype = args.dtype
-  cfg.loss.tile_size = args.tile_size
-  cfg.train.batch_size = args.batch
-  mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  kind = models.kind_of(cfg.model)
-  model = kind.build(cfg.model, vocab)
-  loss_cfg = losses.resolve(cfg.loss)
-  spec = losses.get(loss_cfg.name)
-  tx = optimizer_lib.make_optimizer(cfg.train)
-  init_fn = state_lib.make_init_fn(model, kind.example_batch(cfg.model), lambda: spec.init_params(loss_cfg), tx, 0)
-  abstract, shardings = state_lib.state_shardings(init_fn, mesh, cfg.sharding_rules)
-  chunking = grad_cache.Chunking(mesh, args.chunk, kind.outputs) if args.mode == "cached" else None
-  step = step_lib.make_train_step(model, spec.build(loss_cfg, mesh), lambda p: spec.clamp_params(loss_cfg, p), tx,
-                                  optimizer_lib.learning_rate_schedule(cfg.train), chunking=chunking)
-  b, length = args.batch, cfg.model.max_text_len
-  if args.workload == "W1":
-    s = cfg.model.image_size
-    shapes = {"image": ((b, s, s, 3), np.uint8), "text": ((b, length), np.int32)}
-  else:
-    shapes = {"query": ((b, length), np.int32), "key": ((b, length), np.int32)}
-  batch_spec = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, len(shape)))
-                for k, (shape, dtype) in shapes.items()}
-  state_spec = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params["model"]))
-  out = {"workload": args.workload, "mode": args.mode, "dtype": args.dtype, "batch": b,
-         "chunk": args.chunk if chunking else None, "tile_size": args.tile_size, "params_m": round(n_params / 1e6, 2)}
+  out = {"workload": args.workload, "mode": args.mode, "dtype": args.dtype, "batch": args.batch,
+         "chunk": args.chunk if cached else None, "tile_size": args.tile_size,
+         "params_m": round(setup.n_params / 1e6, 2)}
   t = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(state_spec, batch_spec).compile()
+  compiled = jax.jit(setup.step, donate_argnums=(0,)).lower(setup.state_spec, setup.batch_spec).compile()
   out["compile_s"] = round(time.perf_counter() - t, 1)
   mem = compiled.memory_analysis()
   need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -111,12 +59,8 @@ def _child(args):
     return
   print(json.dumps({**out, "status": "compiled"}), flush=True)  # the parent reports this line if we die
 
-  state = state_lib.create_sharded_state(init_fn, shardings)
-  rng = np.random.default_rng(0)
-  batch = {}
-  for k, (shape, dtype) in shapes.items():
-    x = rng.integers(0, 256, size=shape) if dtype == np.uint8 else rng.integers(1, vocab, size=shape)
-    batch[k] = jax.device_put(x.astype(dtype), batch_spec[k].sharding)
+  state = state_lib.create_sharded_state(setup.init_fn, setup.shardings)
+  batch = harness.random_batch(setup)
   times = []
   for _ in range(args.iters):
     t = time.perf_counter()
@@ -154,10 +98,7 @@ def main():
   p.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
   p.add_argument("--batch", type=int, default=512, help=argparse.SUPPRESS)
   args = p.parse_args()
-  if args.child:
-    _child(args)
-  else:
-    _parent(args)
+  (_child if args.child else _parent)(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Entry point: `python -m big_embed.main --config configs/quickstart.py --workdir runs/quickstart`.
 
 Every config field can be overridden on the command line, e.g. `--config.train.batch_size=256` or
-`--config.loss.tile_size=4096`. Modes: `train` (default; resumes from the newest checkpoint in the workdir) and
-`eval` (evaluates it).
+`--config.loss.tile_size=4096`. Modes: `train` (default; resumes from the newest checkpoint in the workdir),
+`eval` (evaluates it) and `compile` (compiles the train step for the config's mesh and prints its memory, FLOPs and
+parameter bytes per device, without creating parameters; with `--cpu_devices N`, on N fake CPU devices).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from big_embed.errors import UserError, exit_on_user_error
 
 _CONFIG_HELP = "Recipe file, e.g. configs/quickstart.py[:arg]."
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compile"],
+                          "train; eval (the newest checkpoint); compile (the train step's cost per device, no params)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process runs: host:port of process 0 (SLURM / TPU VMs are auto-detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: index of this process.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices in this process.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "If > 0, run on this many simulated CPU devices in this "
+                                    "process (e.g. --mode compile of a pod config on a laptop).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,11 +38,17 @@ def main(argv):
   # stack loads; and multi-process initialisation must come before anything touches a JAX backend.
   with exit_on_user_error():
     from big_embed.parallel import multihost  # pylint: disable=g-import-not-at-top
+    if _CPU_DEVICES.value > 0:  # the simulated devices are the devices, also on a machine with accelerators
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.config.update("jax_platforms", "cpu")
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
     from big_embed.train import loop  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.ERROR)  # TFDS and Orbax are chatty at INFO/WARNING
     if _MODE.value == "train":
       loop.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    elif _MODE.value == "compile":
+      from big_embed.train import compile_only  # pylint: disable=g-import-not-at-top
+      compile_only.compile_train_step(flags.FLAGS.config, _WORKDIR.value)
     else:
       loop.evaluate_checkpoint(flags.FLAGS.config, _WORKDIR.value)
 

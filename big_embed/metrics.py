@@ -1,14 +1,19 @@
-"""Metric writers: one JSON line per record in `<workdir>/metrics.jsonl` and TensorBoard event files."""
+"""Metric writers (one JSON line per record in `<workdir>/metrics.jsonl`, TensorBoard event files) and the train
+window (the steps between two train records: their mean metrics, step time, throughput and MFU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
 import time
+from typing import Any
 
 import jax
 from tensorboardX import SummaryWriter
+
+from big_embed import hardware
 
 
 class MetricWriter:
@@ -41,3 +46,60 @@ class MetricWriter:
 
 def flatten(results: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
   return {f"{prefix}/{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
+
+
+class TrainWindow:
+  """The steps since the last train record.
+
+  `add` keeps each step's metrics on the device (scalars; fetched once, at the record), its global rows and its
+  FLOPs per device; time spent inside `paused()` (evaluation, checkpoints, compilation) is not step time. `fetch`
+  waits for the window's steps and returns their metrics;
+  `record` turns them into the logged scalars: every train metric is the mean over the window's steps (the learning
+  rate is the last step's: a schedule, not a measurement), plus `step_time_sec` (seconds per step), `samples_per_sec`,
+  `device_tflops_per_sec` (step FLOPs per device / step time) and `mfu` (that / the chip's peak, `hardware`; absent
+  when the device kind's peak is unknown, e.g. on CPU).
+  """
+
+  def __init__(self, device_kind: str):
+    self.device_kind = device_kind
+    self.reset()
+
+  def reset(self):
+    self._steps: list[tuple[int, Any]] = []  # (step, metrics dict of device scalars)
+    self._samples = 0
+    self._flops = 0.0
+    self._start = time.perf_counter()
+    self._paused = 0.0
+
+  def add(self, step: int, metrics: Any, samples: int, flops_per_device: float):
+    self._steps.append((step, metrics))
+    self._samples += samples
+    self._flops += flops_per_device
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
+
+  def fetch(self) -> list[tuple[int, dict[str, float]]]:
+    """(step, {name: float}) of every step of the window, in order (waits for them to finish)."""
+    return [(step, {k: float(v) for k, v in m.items()}) for step, m in jax.device_get(self._steps)]
+
+  def record(self, fetched: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """The window's scalars ("train/<name>"), timed now: call right after `fetch`, then `reset`."""
+    seconds = max(time.perf_counter() - self._start - self._paused, 1e-9)
+    names = dict.fromkeys(k for _, m in fetched for k in m)  # text tasks: the metrics of each step's loss
+    out = {}
+    for name in names:
+      values = [m[name] for _, m in fetched if name in m]
+      out[f"train/{name}"] = values[-1] if name == "learning_rate" else math.fsum(values) / len(values)
+    tflops = self._flops / seconds / 1e12
+    out.update({"train/step_time_sec": seconds / len(fetched), "train/samples_per_sec": self._samples / seconds,
+                "train/device_tflops_per_sec": tflops})
+    mfu = hardware.mfu(tflops, self.device_kind)
+    if mfu is not None:
+      out["train/mfu"] = mfu
+    return out

@@ -4,9 +4,10 @@
                                 optimizer update, as open_clip does; κ = 1/temperature when not learnable)
     L = ½ [ mean_i −log softmax_j(ℓ_ij)_{j=i}  +  mean_i −log softmax_j(ℓ_ji)_{j=i} ]
 
-Tiled over the similarity engine (`infonce.info_nce_local` in both directions): local rows of each tower
-against all devices' keys of the other (all-gathered or a ppermute ring), never the B_g×B_g matrix; the
-global-batch normalisation happens once. Equivalent to open_clip's `local_loss=True, gather_with_grad=True`.
+Tiled over the similarity engine, both directions from the same tiles of A Bᵀ (`infonce.symmetric_info_nce_local`:
+`symmetric.lse_both` with its hand-written backward; one pass per direction on a ring over several devices):
+local rows of each tower against all devices' keys of the other, never the B_g×B_g matrix; the global-batch
+normalisation happens once. Equivalent to open_clip's `local_loss=True, gather_with_grad=True`.
 
 Inputs:
   emb[towers[0]], emb[towers[1]]: [B, D] L2-normalised embeddings (pair i = row i of both).
@@ -50,10 +51,10 @@ def _inputs(cfg, emb, batch):
 
 def _local(cfg, s, r, shards):
   """Symmetric InfoNCE on the local shards of a, b [B_local, D] (inside shard_map)."""
-  kw = dict(shards=shards, scale=r["logit_scale"], valid=s.get("valid"), ids=s.get("ids"),
-            duplicates=cfg.duplicates, tile_size=cfg.tile_size, key_mode=cfg.key_mode)
-  loss_ab, m_ab = infonce.info_nce_local(s["a"], s["b"], key_mask=s.get("key_mask"), **kw)
-  loss_ba, m_ba = infonce.info_nce_local(s["b"], s["a"], key_mask=s.get("key_mask_t"), **kw)
+  (loss_ab, m_ab), (loss_ba, m_ba) = infonce.symmetric_info_nce_local(
+      s["a"], s["b"], shards=shards, scale=r["logit_scale"], valid=s.get("valid"), ids=s.get("ids"),
+      duplicates=cfg.duplicates, tile_size=cfg.tile_size, key_mode=cfg.key_mode, key_mask=s.get("key_mask"),
+      key_mask_t=s.get("key_mask_t"))
   loss = 0.5 * (loss_ab + loss_ba)
   return loss, {"loss": loss, "loss_a2b": loss_ab, "loss_b2a": loss_ba,
                 "accuracy": 0.5 * (m_ab["accuracy"] + m_ba["accuracy"])}

@@ -28,7 +28,8 @@ reshaped to `[n_tiles, tile, d]`; a `lax.scan` walks the tiles, its body under `
 backward pass recomputes each `[rows, tile]` block instead of storing it. Activation memory is
 O(rows_local × tile) plus the keys (O(N·d) all-gathered, O(N/P·d) on the ring); results do not depend on the tile
 size. Per-row extra columns (`Extra`: hard negatives `[R, H, d]`, candidate sets with teacher scores) are one more
-small block.
+small block. A symmetric loss reads the statistics of `S` and of `Sᵀ` from the same tiles (`symmetric.py`). The
+statistics themselves (`Stat`, `Tile`) live in `statistics.py`.
 
 Sharding: call the engine inside `jax.shard_map` over the batch axes (`shard`, from `spmd`) with local queries
 `[B_local, d]` and local keys. `key_mode` picks where the other devices' keys come from: "gather"
@@ -49,7 +50,7 @@ reductions live with the InfoNCE loss (`big_embed.losses.infonce`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,8 @@ from jax import lax
 
 from big_embed.losses import ring
 from big_embed.losses.spmd import Shards, global_mean, shard  # noqa: F401  (part of the engine's interface)
+from big_embed.losses.statistics import (Stat, Tile, count, lse, maximum, minimum, soft, top1_accuracy,  # noqa: F401
+                                         top1_stats, total)
 
 KEY_MODES = ("gather", "ring", "local")
 
@@ -101,161 +104,13 @@ class Extra(NamedTuple):
   ka: jax.Array | None = None                 # [R, H, da] target features (alternative to `a`)
 
 
-class Tile(NamedTuple):
-  """One [R, T] block as the statistics see it."""
-
-  s: jax.Array                                # [R, T] logits scale·q·k + bias
-  dot: jax.Array                              # [R, T] raw q·k
-  a: jax.Array | None                         # [R, T] target logits or None
-  pos: jax.Array                              # [R, T] bool
-  neg: jax.Array                              # [R, T] bool
-  aux: dict                                   # per-row arrays [R]
-  pos_weight: jax.Array | None = None         # [R, T] float with `Rows.pos_weights`: the matched ids' weights
-                                              #   (summed), 1 for designated / extra positives, 0 elsewhere
-
-  @property
-  def pool(self):
-    return self.pos | self.neg
-
-  def mask(self, name: str) -> jax.Array:
-    return {"pos": self.pos, "neg": self.neg, "pool": self.pool}[name]
-
-
-# ------------------------------------------------------------------------------------------------
-# Statistics: (init, update, final) triples over [R] states.
-
-
-class Stat(NamedTuple):
-  init: Callable[[jax.Array], Any]            # zeros [R] -> state
-  update: Callable[[Any, Tile], Any]          # state, tile -> state
-  final: Callable[[Any], Any]                 # state -> [R] array(s)
-
-
-def _values(tile: Tile, fn):
-  return tile.s if fn is None else fn(tile)
-
-
-def _shift(m):
-  """A finite shift for a running max that may be -inf (empty so far)."""
-  return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
-def _check_mask(mask):
-  if mask not in ("pos", "neg", "pool"):
-    raise ValueError(f"engine: mask must be 'pos', 'neg' or 'pool', got {mask!r}")
-
-
-def lse(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> Stat:
-  """`log Σ_{j∈mask} exp(x_ij)` with x = fn(tile) (default the logits); -inf for an empty row.
-
-  Online: keeps a running max m (no gradient: the result does not depend on it) and `l = Σ exp(x − m)`,
-  rescaled by `exp(m_old − m_new)` when the max grows.
-  """
-  _check_mask(mask)
-
-  def init(z):
-    return z - jnp.inf, z
-
-  def update(state, tile):
-    m, l = state
-    x = jnp.where(tile.mask(mask), _values(tile, fn), -jnp.inf)  # [R, T]
-    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(x, axis=1)))
-    shift = _shift(m_new)
-    l = l * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift[:, None]), axis=1)
-    return m_new, l
-
-  def final(state):
-    m, l = state
-    some = l > 0
-    return jnp.where(some, _shift(m) + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
-
-  return Stat(init, update, final)
-
-
-def soft(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> Stat:
-  """Statistics under the soft target `q_i = softmax_{j∈mask}(a_ij)`, with a = fn(tile) (default tile.a).
-
-  Returns a dict of [R] arrays: "lse" = `log Σ_j exp(a_ij)` (-inf if empty), "s" = `E_q[s]`, "a" = `E_q[a]`
-  (0 if empty). The targets `a` are wrapped in `stop_gradient`; `E_q[s]` is differentiable in s.
-  """
-  _check_mask(mask)
-
-  def init(z):
-    return z - jnp.inf, z, z, z
-
-  def update(state, tile):
-    m, l, es, ea = state
-    msk = tile.mask(mask)
-    a = lax.stop_gradient(tile.a if fn is None else fn(tile))
-    am = jnp.where(msk, a, -jnp.inf)  # [R, T]
-    m_new = jnp.maximum(m, jnp.max(am, axis=1))
-    shift = _shift(m_new)
-    c = jnp.exp(m - shift)
-    w = jnp.exp(am - shift[:, None])  # [R, T], 0 where masked
-    l = l * c + jnp.sum(w, axis=1)
-    es = es * c + jnp.sum(w * jnp.where(msk, tile.s, 0.0), axis=1)
-    ea = ea * c + jnp.sum(w * jnp.where(msk, a, 0.0), axis=1)
-    return m_new, l, es, ea
-
-  def final(state):
-    m, l, es, ea = state
-    some = l > 0
-    safe_l = jnp.where(some, l, 1.0)
-    return {"lse": jnp.where(some, _shift(m) + jnp.log(safe_l), -jnp.inf), "s": es / safe_l, "a": ea / safe_l}
-
-  return Stat(init, update, final)
-
-
-def total(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> Stat:
-  """`Σ_{j∈mask} x_ij`, x = fn(tile) (default the logits). fn must be finite on masked entries."""
-  _check_mask(mask)
-  return Stat(lambda z: z,
-              lambda acc, tile: acc + jnp.sum(jnp.where(tile.mask(mask), _values(tile, fn), 0.0), axis=1),
-              lambda acc: acc)
-
-
-def count(mask: str = "pool") -> Stat:
-  """`|mask_i|` as float32."""
-  _check_mask(mask)
-  return Stat(lambda z: z, lambda acc, tile: acc + jnp.sum(tile.mask(mask), axis=1, dtype=jnp.float32),
-              lambda acc: acc)
-
-
-def maximum(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> Stat:
-  """`max_{j∈mask} x_ij` (-inf if empty). For metrics and brackets: gradients are not meant to flow."""
-  _check_mask(mask)
-  return Stat(lambda z: z - jnp.inf,
-              lambda m, tile: jnp.maximum(
-                  m, jnp.max(jnp.where(tile.mask(mask), lax.stop_gradient(_values(tile, fn)), -jnp.inf), 1)),
-              lambda m: m)
-
-
-def minimum(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> Stat:
-  """`min_{j∈mask} x_ij` (+inf if empty), no gradient."""
-  _check_mask(mask)
-  return Stat(lambda z: z + jnp.inf,
-              lambda m, tile: jnp.minimum(
-                  m, jnp.min(jnp.where(tile.mask(mask), lax.stop_gradient(_values(tile, fn)), jnp.inf), 1)),
-              lambda m: m)
-
-
-def top1_stats() -> dict[str, Stat]:
-  """The statistics `top1_accuracy` reads: each row's best positive and best negative score."""
-  return {"pos_max": maximum("pos"), "neg_max": maximum("neg")}
-
-
-def top1_accuracy(st: dict, ok: jax.Array, shards: Shards) -> jax.Array:
-  """Share of the rows `ok` [R] whose best positive scores at least as high as every negative (the top-1 column is
-  a positive; a row without negatives counts as correct), from `top1_stats`; a global mean over the shards."""
-  correct = ok & (st["pos_max"] >= st["neg_max"])
-  return global_mean(correct.astype(jnp.float32), ok, shards)
-
-
 # ------------------------------------------------------------------------------------------------
 # The reduction.
 
 
-class _Coef(NamedTuple):
+class Coef(NamedTuple):
+  """The logit coefficients: `s = scale · q·k + bias`, targets `target_scale · qa·ka` (float32 scalars)."""
+
   scale: jax.Array
   bias: jax.Array
   target_scale: jax.Array
@@ -277,7 +132,8 @@ def _masks(rows: Rows, col_valid, pos, dot, ignore):
   return pos, neg
 
 
-def _key_tile(rows: Rows, kt: Keys, coef: _Coef) -> Tile:
+def key_tile(rows: Rows, kt: Keys, coef: Coef) -> Tile:
+  """The [R, T] tile of the rows against one tile of keys: logits, raw dots, targets, masks (module docstring)."""
   dot = jnp.dot(rows.q, kt.k.T, precision=lax.Precision.HIGHEST)  # [R, T]
   s = coef.scale * dot + coef.bias
   a = None
@@ -305,7 +161,7 @@ def _key_tile(rows: Rows, kt: Keys, coef: _Coef) -> Tile:
   return Tile(s, dot, a, pos, neg, rows.aux or {}, weight)
 
 
-def _extra_tile(rows: Rows, ex: Extra, coef: _Coef) -> Tile:
+def _extra_tile(rows: Rows, ex: Extra, coef: Coef) -> Tile:
   dot = jnp.einsum("rd,rhd->rh", rows.q, ex.k, precision=lax.Precision.HIGHEST)  # [R, H]
   s = coef.scale * dot + coef.bias
   a = ex.a
@@ -317,38 +173,40 @@ def _extra_tile(rows: Rows, ex: Extra, coef: _Coef) -> Tile:
   return Tile(s, dot, a, pos, neg, rows.aux or {}, weight)
 
 
-def _update(stats, state, tile):
+def update_all(stats, state, tile):
+  """Every statistic's state after one more tile."""
   return {name: st.update(state[name], tile) for name, st in stats.items()}
 
 
-def _tiles(keys: Keys, tile_size: int) -> Keys:
-  """Pads keys to a multiple of the tile (padded keys invalid) and reshapes to [n_tiles, tile, ...]."""
+def tile_keys(keys: Keys, tile_size: int, *more: jax.Array | None):
+  """Pads keys to a multiple of the tile (padded keys invalid) and reshapes to [n_tiles, tile, ...]; with `more`
+  arrays [N, ...] (zero-padded the same way), returns (keys, *more)."""
   n = keys.k.shape[0]
   tile = max(1, min(int(tile_size), n))
   n_tiles = -(-n // tile)
   pad = n_tiles * tile - n
 
-  def p(x, value):
+  def p(x, value=0.0):
     if x is None:
       return None
     if pad:
       x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
     return x.reshape((n_tiles, tile) + x.shape[1:])
 
-  return Keys(k=p(keys.k, 0.0), index=p(keys.index, -1), valid=p(keys.valid, False), ids=p(keys.ids, -1),
-              ka=p(keys.ka, 0.0))
+  tiled = Keys(k=p(keys.k), index=p(keys.index, -1), valid=p(keys.valid, False), ids=p(keys.ids, -1), ka=p(keys.ka))
+  return (tiled, *map(p, more)) if more else tiled
 
 
-def _scan_keys(stats, state, rows: Rows, keys: Keys, coef: _Coef, tile_size: int):
+def _scan_keys(stats, state, rows: Rows, keys: Keys, coef: Coef, tile_size: int):
   """Folds every tile of `keys` into the statistics; the tile body is rematerialised in the backward pass."""
   if keys.k.shape[0] == 0:
     return state
 
   @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot undo the remat
   def body(rows, coef, state, kt):
-    return _update(stats, state, _key_tile(rows, kt, coef))
+    return update_all(stats, state, key_tile(rows, kt, coef))
 
-  state, _ = lax.scan(lambda c, kt: (body(rows, coef, c, kt), None), state, _tiles(keys, tile_size))
+  state, _ = lax.scan(lambda c, kt: (body(rows, coef, c, kt), None), state, tile_keys(keys, tile_size))
   return state
 
 
@@ -357,7 +215,7 @@ def gather_keys(keys: Keys, shards: Shards) -> Keys:
   return jax.tree.map(shards.all_gather, keys)
 
 
-def _check_shape(x, shape, what):
+def check_shape(x, shape, what):
   """None, or an array of `shape` (None entries are free)."""
   if x is not None and (x.ndim != len(shape) or any(n is not None and n != m for n, m in zip(shape, x.shape))):
     raise ValueError(f"engine: {what} must be [{', '.join('?' if n is None else str(n) for n in shape)}], "
@@ -368,23 +226,43 @@ def _check_inputs(rows: Rows, keys: Keys | None, extra: Extra | None):
   r, d = rows.q.shape
   for name, shape in (("valid", (r,)), ("pos_index", (r,)), ("neg_threshold", (r,)), ("ids", (r, None)),
                       ("ignore_ids", (r, None)), ("key_mask", (r, None)), ("qa", (r, None))):
-    _check_shape(getattr(rows, name), shape, f"rows.{name}")
+    check_shape(getattr(rows, name), shape, f"rows.{name}")
   if (rows.ids is not None or rows.ignore_ids is not None) and (keys is None or keys.ids is None):
     raise ValueError("engine: rows.ids / rows.ignore_ids need key ids (Keys.ids)")
   if rows.pos_weights is not None:
-    _check_shape(rows.pos_weights, (r, 0) if rows.ids is None else rows.ids.shape, "rows.pos_weights (as rows.ids)")
+    check_shape(rows.pos_weights, (r, 0) if rows.ids is None else rows.ids.shape, "rows.pos_weights (as rows.ids)")
   da = None if rows.qa is None else rows.qa.shape[1]
   if keys is not None:
     n = keys.k.shape[0]
     for name, shape in (("k", (n, d)), ("index", (n,)), ("valid", (n,)), ("ids", (n,)), ("ka", (n, da))):
-      _check_shape(getattr(keys, name), shape, f"keys.{name}")
+      check_shape(getattr(keys, name), shape, f"keys.{name}")
     if (rows.qa is None) != (keys.ka is None):
       raise ValueError("engine: target features must be given for both rows (qa) and keys (ka), or neither")
   if extra is not None:
-    _check_shape(extra.k, (r, None, d), "extra.k")
+    check_shape(extra.k, (r, None, d), "extra.k")
     h = extra.k.shape[1]
     for name, shape in (("valid", (r, h)), ("pos", (r, h)), ("a", (r, h)), ("ka", (r, h, da))):
-      _check_shape(getattr(extra, name), shape, f"extra.{name}")
+      check_shape(getattr(extra, name), shape, f"extra.{name}")
+
+
+def prepare(stats, rows: Rows, keys, extra, scale, bias, target_scale, tile_size, key_mode):
+  """Checks the inputs; (rows with stop-gradient targets, the coefficients, the initial [R] states)."""
+  if key_mode not in KEY_MODES:
+    raise ValueError(f"engine: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
+  if not (isinstance(tile_size, int) and tile_size >= 1):
+    raise ValueError(f"engine: tile_size must be a positive int, got {tile_size!r}")
+  _check_inputs(rows, keys, extra)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  coef = Coef(f32(scale), f32(bias), f32(target_scale))
+  if rows.qa is not None:
+    rows = rows._replace(qa=lax.stop_gradient(rows.qa))
+  zeros = jnp.zeros_like(rows.q[:, 0])  # [R], carries the row sharding (varying over the batch axes)
+  return rows, coef, {name: st.init(zeros) for name, st in stats.items()}
+
+
+def frozen_targets(keys: Keys) -> Keys:
+  """The keys with stop-gradient target features."""
+  return keys if keys.ka is None else keys._replace(ka=lax.stop_gradient(keys.ka))
 
 
 def reduce_rows(stats: dict[str, Stat], rows: Rows, keys: Keys | None = None, extra: Extra | None = None, *,
@@ -405,21 +283,9 @@ def reduce_rows(stats: dict[str, Stat], rows: Rows, keys: Keys | None = None, ex
   Returns:
     name -> the statistic's final value, [R] arrays (a dict of them for `soft`).
   """
-  if key_mode not in KEY_MODES:
-    raise ValueError(f"engine: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
-  if not (isinstance(tile_size, int) and tile_size >= 1):
-    raise ValueError(f"engine: tile_size must be a positive int, got {tile_size!r}")
-  _check_inputs(rows, keys, extra)
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  coef = _Coef(f32(scale), f32(bias), f32(target_scale))
-  if rows.qa is not None:
-    rows = rows._replace(qa=lax.stop_gradient(rows.qa))
-  zeros = jnp.zeros_like(rows.q[:, 0])  # [R], carries the row sharding (varying over the batch axes)
-  state = {name: st.init(zeros) for name, st in stats.items()}
-
+  rows, coef, state = prepare(stats, rows, keys, extra, scale, bias, target_scale, tile_size, key_mode)
   if keys is not None:
-    if keys.ka is not None:
-      keys = keys._replace(ka=lax.stop_gradient(keys.ka))
+    keys = frozen_targets(keys)
     if key_mode == "gather":
       state = _scan_keys(stats, state, rows, gather_keys(keys, shards), coef, tile_size)
     elif key_mode == "local" or shards.size == 1:
@@ -436,6 +302,6 @@ def reduce_rows(stats: dict[str, Stat], rows: Rows, keys: Keys | None = None, ex
       extra = extra._replace(ka=lax.stop_gradient(extra.ka))
     if extra.a is not None:
       extra = extra._replace(a=lax.stop_gradient(extra.a))
-    state = _update(stats, state, _extra_tile(rows, extra, coef))
+    state = update_all(stats, state, _extra_tile(rows, extra, coef))
   return {name: st.final(state[name]) for name, st in stats.items()}
 

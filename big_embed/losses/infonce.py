@@ -29,6 +29,7 @@ negatives (mean count per row), rows, logit_scale.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -36,6 +37,7 @@ from big_embed.errors import ConfigError
 from big_embed.losses import common
 from big_embed.losses import engine
 from big_embed.losses import registry
+from big_embed.losses import symmetric
 from big_embed.ops import l2_normalize
 
 DUPLICATES = ("ignore", "positive")
@@ -185,6 +187,54 @@ def info_nce_local(queries, keys, *, shards: engine.Shards = engine.Shards(), sc
                           key_mode=key_mode, shards=shards)
   nll, ok = contrastive_nll(st, multi_positive)
   return summary(nll, ok, st, shards)
+
+
+def both_directions(stats: dict[str, engine.Stat], a, b, *, shards: engine.Shards = engine.Shards(), scale=1.0,
+                    target_scale=1.0, tile_size: int = 1024, key_mode: str = "gather", targets=None, key_mask=None,
+                    key_mask_t=None, **layout) -> list[dict]:
+  """`stats` of a's rows against b's columns and of b's rows against a's: [a→b results [B_local], b→a results].
+
+  One pass over the tiles of `a bᵀ` (`symmetric.reduce_both`) where the key mode allows, else `reduce_rows` per
+  direction (the ring over several shards).
+  Args:
+    a, b: the local pairs [B_local, D]. targets: None or (ta, tb), the target features of a→b (rows and keys) and
+      of b→a. key_mask [B_local, B_global]: a→b's (see `retrieval_layout`); key_mask_t: b→a's, its transpose.
+    layout: valid, ids, duplicates (as `retrieval_layout`). The rest as `engine.reduce_rows`.
+  """
+  ta, tb = (None, None) if targets is None else targets
+  kw = dict(scale=scale, target_scale=target_scale, tile_size=tile_size, key_mode=key_mode, shards=shards)
+  if not symmetric.one_pass(key_mode, shards):
+    out = []
+    for q, k, t, m in ((a, b, ta, key_mask), (b, a, tb, key_mask_t)):
+      rows, cols, _ = retrieval_layout(q, k, shards=shards, key_mask=m, query_targets=t, key_targets=t, **layout)
+      out.append(engine.reduce_rows(stats, rows, cols, **kw))
+    return out
+  rows, cols, _ = retrieval_layout(a, b, shards=shards, key_mask=key_mask, query_targets=ta, key_targets=ta, **layout)
+  return list(symmetric.reduce_both(stats, rows, cols, col_targets=None if tb is None else (tb, tb), **kw))
+
+
+def symmetric_info_nce_local(a, b, *, shards: engine.Shards = engine.Shards(), scale=1.0, multi_positive="mean",
+                             tile_size: int = 1024, key_mode: str = "gather", **layout):
+  """InfoNCE of a against b and of b against a (CLIP's two directions): [(loss, metrics) a→b, (loss, metrics) b→a].
+
+  With one positive per row (no `duplicates="positive"` ids) and a one-pass key mode: the negatives' LSEs of both
+  directions with their hand-written backward (`symmetric.lse_both`); else every `contrastive_stats` statistic
+  (`both_directions`). `layout`: valid, ids, duplicates, key_mask, key_mask_t (as `both_directions`).
+  """
+  kw = dict(scale=scale, tile_size=tile_size, key_mode=key_mode, shards=shards)
+  if not symmetric.one_pass(key_mode, shards) or (layout.get("duplicates") == "positive" and
+                                                   layout.get("ids") is not None):
+    both = both_directions(contrastive_stats(multi_positive), a, b, **kw, **layout)
+    return [summary(*contrastive_nll(st, multi_positive), st, shards) for st in both]
+  layout.pop("key_mask_t", None)  # the transpose of key_mask
+  rows, cols, _ = retrieval_layout(a, b, shards=shards, **layout)
+  pos = scale * jnp.sum(rows.q * cols.k, axis=1)  # [B_local] the pairs' logits, the same in both directions
+  out = []
+  for neg in symmetric.lse_both(rows, cols, **kw):
+    ok = rows.valid  # a valid pair is its rows' one positive
+    nll = jnp.where(ok, jax.nn.softplus(neg["lse"] - pos), 0.0)  # = contrastive_nll with one positive
+    out.append(summary(nll, ok, {"pos_max": pos, "neg_max": neg["max"], "neg_count": neg["count"]}, shards))
+  return out
 
 
 def info_nce(queries, keys, hard_negatives=None, ids=None, *, scale=None, temperature=None, mesh=None,

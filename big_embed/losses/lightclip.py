@@ -95,10 +95,8 @@ def _local(cfg, s, r, shards):
   else:
     stats["u"] = engine.soft("neg", lambda t: t.s / cfg.similarity_temperature)
   losses, kls, accs = [], [], []
-  for q, k in ((s["a"], s["b"]), (s["b"], s["a"])):
-    rows, cols, _ = infonce.retrieval_layout(q, k, shards=shards, valid=s.get("valid"))
-    st = engine.reduce_rows(stats, rows, cols, scale=r["logit_scale"], tile_size=cfg.tile_size,
-                            key_mode=cfg.key_mode, shards=shards)
+  for st in infonce.both_directions(stats, s["a"], s["b"], shards=shards, valid=s.get("valid"),
+                                      scale=r["logit_scale"], tile_size=cfg.tile_size, key_mode=cfg.key_mode):
     ok = st["pos_count"] > 0
     has_neg = st["neg_count"] > 0
     if cfg.soft_neg_mode == "uniform":

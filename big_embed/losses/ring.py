@@ -44,17 +44,6 @@ from big_embed.losses.spmd import Shards
 Hop = Callable[[Any, Any, Any], Any]  # (state, fixed, block) -> state
 
 
-def _varying(tree, shards: Shards):
-  """Every leaf marked as varying over the batch axes, as the ring's carries are (the transpose of the cast sums
-  an invariant value's gradient over the shards)."""
-
-  def cast(x):
-    missing = tuple(a for a in shards.axes if a not in jax.typeof(x).mat.varying)
-    return lax.pcast(x, missing, to="varying") if missing else x  # no copy of what already varies
-
-  return jax.tree.map(cast, tree)
-
-
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -102,7 +91,7 @@ def ring_pass(hop: Hop, state, fixed, block, shards: Shards):
   """
   if shards.size == 1:
     return hop(state, fixed, block)
-  state, block = _varying((state, block), shards)  # carried round the ring: one type on every shard
+  state, block = shards.varying((state, block))  # carried round the ring: one type on every shard
   hop_c, hoisted = _hoist(hop, state, fixed, block)
   fixed_f, fixed_o, fixed_def = _split((fixed, hoisted))
 

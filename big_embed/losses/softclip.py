@@ -103,12 +103,10 @@ def _inputs(cfg, emb, batch):
 def _local(cfg, s, r, shards):
   """SoftCLIP on the local shards: a, b [B_local, D]; ta / tb [B_local, Dr] targets of a→b / b→a (normalised)."""
   parts = []
-  for q, k, t in ((s["a"], s["b"], s["ta"]), (s["b"], s["a"], s["tb"])):
-    rows, cols, _ = infonce.retrieval_layout(q, k, shards=shards, valid=s.get("valid"), query_targets=t,
-                                             key_targets=t)
-    st = engine.reduce_rows(soft_stats(), rows, cols, scale=r["logit_scale"],
-                            target_scale=1.0 / cfg.target_temperature, tile_size=cfg.tile_size,
-                            key_mode=cfg.key_mode, shards=shards)
+  for st in infonce.both_directions(soft_stats(), s["a"], s["b"], shards=shards, valid=s.get("valid"),
+                                      targets=(s["ta"], s["tb"]), scale=r["logit_scale"],
+                                      target_scale=1.0 / cfg.target_temperature, tile_size=cfg.tile_size,
+                                      key_mode=cfg.key_mode):
     kl_soft, kl_neg, ok = softclip_rows(st, cfg.alpha)
     parts.append([engine.global_mean(x, ok, shards) for x in (kl_soft, kl_neg)] +
                  [engine.top1_accuracy(st, ok, shards)])

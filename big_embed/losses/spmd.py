@@ -34,6 +34,16 @@ class Shards:
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     return cls(axes, math.prod(mesh.shape[a] for a in axes))
 
+  def varying(self, tree):
+    """Every leaf marked as varying over the batch axes (as a loop carry that differs per shard must be); the
+    transpose of the cast sums a shard-invariant value's gradient over the shards."""
+
+    def cast(x):
+      missing = tuple(a for a in self.axes if a not in jax.typeof(x).mat.varying)
+      return lax.pcast(x, missing, to="varying") if missing else x  # no copy of what already varies
+
+    return jax.tree.map(cast, tree)
+
   def index(self):
     return lax.axis_index(self.axes) if self.axes else 0
 
@@ -42,6 +52,25 @@ class Shards:
 
   def all_gather(self, x):
     return lax.all_gather(x, self.axes, tiled=True) if self.axes else x
+
+  def psum_scatter(self, x):
+    """Sums `x` [N_g, ...] over the shards and keeps this shard's N_g / P rows (the all-gather's transpose)."""
+    return lax.psum_scatter(x, self.axes, scatter_dimension=0, tiled=True) if self.axes else x
+
+  def pmax(self, x):
+    """The max over the shards, without gradient (for shifts, brackets and metrics)."""
+    return lax.pmax(lax.stop_gradient(x), self.axes) if self.axes else lax.stop_gradient(x)
+
+  def pmin(self, x):
+    """The min over the shards, without gradient."""
+    return lax.pmin(lax.stop_gradient(x), self.axes) if self.axes else lax.stop_gradient(x)
+
+  def own(self, x):
+    """This shard's N_g / P rows of `x` [N_g, ...] (the all-gather's order)."""
+    if not self.axes:
+      return x
+    n = x.shape[0] // self.size
+    return lax.dynamic_slice_in_dim(x, self.index() * n, n)
 
   def to_next(self, x):
     """Sends this shard's `x` to shard index+1 (a ring step)."""

@@ -12,6 +12,8 @@ Dropout is row-keyed (`models.dropout`): a row's masks do not depend on the othe
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -50,7 +52,7 @@ class BertLayer(nn.Module):
     x = transformer.layer_norm(self.dtype, "attention_ln", self.layer_norm_eps)(x + attn)
     h = nn.Dense(self.intermediate_size, dtype=self.dtype, kernel_init=_normal(("embed", "mlp")),
                  bias_init=transformer.zeros_init(("mlp",)), name="intermediate")(x)  # [B, L, I]
-    h = nn.gelu(h, approximate=False)
+    h = transformer.recomputed(functools.partial(nn.gelu, approximate=False))(h)
     h = nn.Dense(hidden, dtype=self.dtype, kernel_init=_normal(("mlp", "embed")),
                  bias_init=transformer.zeros_init(("embed",)), name="output")(h)  # [B, L, H]
     h = dropout_lib.row_dropout(h, self.dropout_rate, dropout_lib.fold(rows, transformer.MLP_OUT))

@@ -29,6 +29,7 @@ import numpy as np
 from big_embed import config_schema
 from big_embed.errors import ConfigError
 from big_embed.models import dropout as dropout_lib
+from big_embed.parallel import sharding
 
 REMATS = config_schema.REMATS
 # Scanned submodule name -> the name of unrolled block i.
@@ -62,6 +63,18 @@ def _remat(block: type[nn.Module], remat: str, scan: bool) -> type[nn.Module]:
   return nn.remat(block, policy=policy, prevent_cse=not scan)
 
 
+def _batch_split(block: type[nn.Module]) -> type[nn.Module]:
+  """`block` with its input and output constrained to the batch axes (`sharding.constrain_batch`): under FSDP the
+  compiler would otherwise follow the weights' "embed" sharding into the activations and keep the batch whole."""
+
+  class Split(block):  # pylint: disable=missing-class-docstring
+
+    def __call__(self, x, *args):
+      return sharding.constrain_batch(block.__call__(self, sharding.constrain_batch(x), *args))
+
+  return Split
+
+
 def _scan_body(block: type[nn.Module]) -> type[nn.Module]:
   """`block` with nn.scan's signature: (x, mask, rows, layer) -> (x, None); block i folds i into `rows`."""
 
@@ -92,6 +105,7 @@ def apply_stack(block: type[nn.Module], block_fields: dict, x, mask, rows, *, de
   Returns:
     The last block's output.
   """
+  block = _batch_split(block)
   if not scan:
     cls = _remat(block, remat, scan=False)
     for i in range(depth):

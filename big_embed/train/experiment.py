@@ -32,6 +32,7 @@ from big_embed.models import pretrained
 from big_embed.models.kind import ModelKind
 from big_embed.parallel import mesh as mesh_lib
 from big_embed.parallel import sharding as sharding_lib
+from big_embed.train import compiled_step
 from big_embed.train import grad_cache
 from big_embed.train import optimizer as optimizer_lib
 from big_embed.train import state as state_lib
@@ -182,29 +183,30 @@ def make_train_stream(exp: Experiment, seed: int):
                                      max_text_len=m.max_text_len, image_size=m.image_size, **where)
 
 
-def make_train_step(exp: Experiment, teacher=None) -> Callable:
-  """`step(state, batch, teacher_params, task) -> (state, metrics)`: one jitted step per task type (static), with
-  the state donated and sharded as `exp.state_shardings`, the batch over the mesh's batch axes."""
+def make_train_step(exp: Experiment, teacher=None, on_compile: Callable | None = None) -> compiled_step.TrainStep:
+  """`step(state, batch, teacher_params, task) -> (state, metrics)`, compiled ahead of time once per task type
+  (static) and batch shape (`compiled_step.TrainStep`), with the state donated and sharded as
+  `exp.state_shardings`, the batch over the mesh's batch axes; `on_compile(step_cost.StepCost)` is called for each
+  new executable."""
   c = exp.config
   lr_schedule = optimizer_lib.learning_rate_schedule(c.train)
-  in_shardings = (exp.state_shardings, mesh_lib.batch_sharding(exp.mesh),
-                  jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None)
+  teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher.params) if teacher else None
   chunking = None
   if c.train.embed_chunk_size:
     chunking = grad_cache.Chunking(exp.mesh, c.train.embed_chunk_size, exp.kind.outputs)
-  compiled: dict = {}
 
-  def step(state, batch, teacher_params=None, task=None):
-    if task not in compiled:
-      fn = step_lib.make_train_step(exp.model, exp.loss_spec.build(c.loss, exp.mesh, task),
+  def step_fn(task):
+    return step_lib.make_train_step(exp.model, exp.loss_spec.build(c.loss, exp.mesh, task),
                                     lambda p: exp.loss_spec.clamp_params(c.loss, p), exp.tx, lr_schedule, teacher,
                                     chunking)
-      compiled[task] = jax.jit(fn, in_shardings=in_shardings,
-                               out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
-                               donate_argnums=(0,))
-    return compiled[task](state, batch, teacher_params)
 
-  return step
+  return compiled_step.TrainStep(
+      step_fn, mesh=exp.mesh, abstract_state=exp.abstract_state, state_shardings=exp.state_shardings,
+      in_shardings=(exp.state_shardings, mesh_lib.batch_sharding(exp.mesh), teacher_shardings),
+      out_shardings=(exp.state_shardings, mesh_lib.replicated(exp.mesh)),
+      abstract_teacher_params=(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), teacher.params)
+                               if teacher else None),
+      on_compile=on_compile)
 
 
 def build_evaluators(exp: Experiment) -> dict[str, Any]:

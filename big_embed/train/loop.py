@@ -9,7 +9,6 @@ import json
 import math
 import pathlib
 import signal
-import time
 
 import jax
 from jax.experimental import multihost_utils
@@ -22,7 +21,9 @@ from big_embed import metrics as metrics_lib
 from big_embed.errors import ConfigError, TrainingError
 from big_embed.models import layers
 from big_embed.parallel import mesh as mesh_lib
+from big_embed.train import compile_only
 from big_embed.train import experiment as experiment_lib
+from big_embed.train import step_cost
 from big_embed.train import teacher as teacher_lib
 from big_embed.train.experiment import Experiment
 
@@ -116,6 +117,16 @@ def _check_finite(exp: Experiment, checked: list[tuple[int, float, float]]) -> N
                         f"{exp.config.train.learning_rate}) or config.train.grad_clip_norm and rerun; {gone}{kept}")
 
 
+def _progress(scalars: dict[str, float]) -> dict[str, str]:
+  """The progress bar's postfix: window-mean loss, step time, throughput, TFLOP/s per device, MFU when known."""
+  out = {"loss": f"{scalars['train/loss']:.4f}", "step_s": f"{scalars['train/step_time_sec']:.3g}",
+         "samples/s": f"{scalars['train/samples_per_sec']:.0f}",
+         "TFLOP/s": f"{scalars['train/device_tflops_per_sec']:.3g}"}
+  if "train/mfu" in scalars:
+    out["MFU"] = f"{100 * scalars['train/mfu']:.1f}%"
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains from scratch or resumes from the newest checkpoint in `workdir`; returns the final eval results."""
   exp = experiment_lib.build_experiment(config, workdir)
@@ -142,47 +153,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher = teacher_lib.load_teacher(exp.config.teacher, exp.mesh, exp.tokenizer)
     print(f"Teacher: {exp.config.teacher.workdir} (step {teacher.step})", flush=True)
   teacher_params = teacher.params if teacher else None
-  train_step = experiment_lib.make_train_step(exp, teacher)
+  costs: list = []
+
+  def on_compile(cost):  # once per task type and batch shape, before its first step
+    costs.append(cost)
+    if jax.process_index() == 0:
+      print(step_cost.format_cost(cost), flush=True)
+      step_cost.write_report(exp.workdir, costs)
+
+  train_step = experiment_lib.make_train_step(exp, teacher, on_compile)
+  if not exp.tasks:  # image-text: the batch shapes follow from the config, compile before the progress bar
+    train_step.executable(compile_only.image_text_batch(exp.config))
   evaluators = experiment_lib.build_evaluators(exp)
   writer = metrics_lib.MetricWriter(exp.workdir)
   stop = _StopSignal()
   batch_sharding = mesh_lib.batch_sharding(exp.mesh)  # every batch leaf: leading dim over data x fsdp
 
   results: dict = {}
-  unchecked: list = []  # (step, loss, grad_norm) on the device since the last check: fetched with the metrics
+  window = metrics_lib.TrainWindow(exp.mesh.devices.flat[0].device_kind)
   step = start
   pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
-  t_last, samples = time.perf_counter(), 0
   try:
     while step < cfg.steps:
       item = next(data_iter)
       task, local = item if isinstance(item, tuple) else (None, item)  # text: (task type, batch)
-      samples += next(iter(local.values())).shape[0] * jax.process_count()
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-      state, metrics = train_step(state, batch, teacher_params, task)
+      with window.paused():  # compiles on the first batch of each task type and shape
+        executable = train_step.executable(batch, task)
+      state, metrics = executable(state, batch, teacher_params)
       step += 1
-      unchecked.append((step, metrics["loss"], metrics["grad_norm"]))
+      window.add(step, metrics, next(iter(batch.values())).shape[0], executable.cost.flops_per_device)
       pbar.update(1)
       is_last = step == cfg.steps
       stopping = stop.requested(step)
       save_now = step % cfg.checkpoint_every == 0 or is_last or stopping
+      eval_now = step % cfg.eval_every == 0 or is_last
       if step % cfg.log_every == 0 or save_now:
-        metrics, checked = jax.device_get((metrics, unchecked))
-        unchecked.clear()
-        _check_finite(exp, checked)
-        now = time.perf_counter()
-        rate = samples / max(now - t_last, 1e-9)
-        t_last, samples = now, 0
-        writer.write(step, {**{f"train/{k}": v for k, v in metrics.items()}, "train/samples_per_sec": rate})
-        pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", samples_per_s=f"{rate:.0f}")
-      if step % cfg.eval_every == 0 or is_last:
-        results = evaluate.run_evaluators(evaluators, state.params["model"])
-        writer.write(step, metrics_lib.flatten(results, "eval"))
-        _write_results(exp, step, results)
-        t_last, samples = time.perf_counter(), 0
+        fetched = window.fetch()
+        _check_finite(exp, [(s, m["loss"], m["grad_norm"]) for s, m in fetched])
+        scalars = window.record(fetched)
+        window.reset()
+        writer.write(step, scalars)
+        pbar.set_postfix(_progress(scalars))
+      if eval_now or save_now:
+        jax.block_until_ready(metrics)  # the steps so far are step time, what follows is not
+      if eval_now:
+        with window.paused():
+          results = evaluate.run_evaluators(evaluators, state.params["model"])
+          writer.write(step, metrics_lib.flatten(results, "eval"))
+          _write_results(exp, step, results)
       if save_now:
-        ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
+        with window.paused():
+          ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
       if stopping and not is_last:
         ckpt.wait()
         print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}. "

@@ -33,16 +33,17 @@ def _clip_temp_bytes(key_mode: str, devices: int, n: int = 2048, d: int = 64, ti
 def test_ring_temporaries_fall_with_devices_and_stay_below_gather():
   """CLIP, N = 2,048, d = 64, tiles of 16 keys: per-device temporaries of the forward+backward.
 
-  Measured (jax 0.10.2, CPU): ring 2.70 / 1.25 / 0.61 MiB on 2 / 4 / 8 devices (×0.46, ×0.49 per doubling: the
-  blocks, gradient buffers and [rows, tile] temporaries are all O(N/P)); gather on 8 devices 3.20 MiB (0.19×: it
-  holds the all-gathered [N, d] keys and their gradient). The plain-autodiff ring it replaced kept every hop's
-  block: 4.47 / 3.24 / 2.09 MiB (×0.72, ×0.65; 0.65× gather). Bounds, with margin: each doubling of the devices at
-  most ×0.6 (1/P would be ×0.5), and on 8 devices at most 0.3× gather.
+  Measured (jax 0.10.2, CPU): ring 2.64 / 1.22 / 0.60 MiB on 2 / 4 / 8 devices (×0.46, ×0.49 per doubling: the
+  blocks, gradient buffers and [rows, tile] temporaries are all O(N/P)); gather on 8 devices 1.07 MiB (0.56×: it
+  holds the all-gathered [N, d] keys and their gradient; since CLIP's gather path became one pass with a
+  hand-written backward, `symmetric.lse_both`, it keeps nothing per tile: it was 3.20 MiB, 0.19×). The
+  plain-autodiff ring kept every hop's block: 4.47 / 3.24 / 2.09 MiB (×0.72, ×0.65). Bounds, with margin: each
+  doubling of the devices at most ×0.6 (1/P would be ×0.5), and on 8 devices at most 0.75× gather.
   """
   ring = {p: _clip_temp_bytes("ring", p) for p in (2, 4, 8)}
   gather = _clip_temp_bytes("gather", 8)
   assert ring[4] < 0.6 * ring[2] and ring[8] < 0.6 * ring[4], (ring, gather)
-  assert ring[8] < 0.3 * gather, (ring, gather)
+  assert ring[8] < 0.75 * gather, (ring, gather)
 
 
 # ------------------------------------------------------------------------------------------------
