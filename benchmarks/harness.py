@@ -101,7 +101,7 @@ def time_runs(run, iters: int, warmup: int = 1) -> dict:
     t = time.perf_counter()
     run()
     times.append(time.perf_counter() - t)
-  return {"first_call_s": round(first, 4), "seconds": round(statistics.median(times), 4),
+  return {"first_call_s": round(first, 4), "seconds": round(statistics.median(times) if times else first, 4),
           "seconds_all": [round(x, 4) for x in times]}
 
 

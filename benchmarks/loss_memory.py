@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import sys
-import time
 
 import harness
 
@@ -70,17 +69,16 @@ def _child(args):
     return l2_normalize(q), l2_normalize(k)
 
   q, k = make(jax.random.PRNGKey(0))
-  t = time.perf_counter()
-  loss, grads = compiled(q, k)
-  jax.block_until_ready(grads)
-  out["first_call_s"] = round(time.perf_counter() - t, 2)
-  times = []
-  for _ in range(args.iters):
-    t = time.perf_counter()
-    loss, grads = compiled(q, k)
-    jax.block_until_ready(grads)
-    times.append(time.perf_counter() - t)
-  out["seconds_per_step"] = round(sum(times) / len(times), 3)
+  held = {}
+
+  def run():
+    held["loss"], held["grads"] = compiled(q, k)
+    jax.block_until_ready(held["grads"])
+
+  timing = harness.time_runs(run, args.iters)
+  loss = held["loss"]
+  out["first_call_s"] = round(timing["first_call_s"], 2)
+  out["seconds_per_step"] = round(sum(timing["seconds_all"]) / args.iters, 3)
   out["iters"] = args.iters
   out["loss"] = round(float(loss), 5)
   out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
