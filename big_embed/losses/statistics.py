@@ -57,9 +57,15 @@ def _values(tile: Tile, fn):
   return tile.s if fn is None else fn(tile)
 
 
-def _shift(m):
+def finite_shift(m):
   """A finite shift for a running max that may be -inf (empty so far)."""
   return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def log_sum(m, l):
+  """`m + log l` where l > 0 (l: a sum of exp(x − m)), else -inf (nothing summed)."""
+  some = l > 0
+  return jnp.where(some, finite_shift(m) + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
 
 
 def _check_mask(mask):
@@ -82,19 +88,17 @@ def lse(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> St
     m, l = state
     x = jnp.where(tile.mask(mask), _values(tile, fn), -jnp.inf)  # [R, T]
     m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(x, axis=tile.axis)))
-    shift = _shift(m_new)
+    shift = finite_shift(m_new)
     l = l * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - tile.across(shift)), axis=tile.axis)
     return m_new, l
 
   def final(state):
-    m, l = state
-    some = l > 0
-    return jnp.where(some, _shift(m) + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+    return log_sum(*state)
 
   def merge(state, shards):
     m, l = state
     top = shards.pmax(m)  # no gradient: m is a stop-gradient max
-    return shards.own(top), shards.psum_scatter(l * jnp.exp(m - _shift(top)))
+    return shards.own(top), shards.psum_scatter(l * jnp.exp(m - finite_shift(top)))
 
   return Stat(init, update, final, merge)
 
@@ -116,7 +120,7 @@ def soft(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> S
     a = lax.stop_gradient(tile.a if fn is None else fn(tile))
     am = jnp.where(msk, a, -jnp.inf)  # [R, T]
     m_new = jnp.maximum(m, jnp.max(am, axis=tile.axis))
-    shift = _shift(m_new)
+    shift = finite_shift(m_new)
     c = jnp.exp(m - shift)
     w = jnp.exp(am - tile.across(shift))  # [R, T], 0 where masked
     l = l * c + jnp.sum(w, axis=tile.axis)
@@ -128,12 +132,12 @@ def soft(mask: str = "pool", fn: Callable[[Tile], jax.Array] | None = None) -> S
     m, l, es, ea = state
     some = l > 0
     safe_l = jnp.where(some, l, 1.0)
-    return {"lse": jnp.where(some, _shift(m) + jnp.log(safe_l), -jnp.inf), "s": es / safe_l, "a": ea / safe_l}
+    return {"lse": jnp.where(some, finite_shift(m) + jnp.log(safe_l), -jnp.inf), "s": es / safe_l, "a": ea / safe_l}
 
   def merge(state, shards):
     m, *sums = state
     top = shards.pmax(m)  # the targets' max: no gradient
-    c = jnp.exp(m - _shift(top))
+    c = jnp.exp(m - finite_shift(top))
     return (shards.own(top), *(shards.psum_scatter(x * c) for x in sums))
 
   return Stat(init, update, final, merge)

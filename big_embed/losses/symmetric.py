@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from big_embed.losses import engine
+from big_embed.losses import statistics
 
 
 def one_pass(key_mode: str, shards: engine.Shards) -> bool:
@@ -110,17 +111,6 @@ def reduce_both(stats: dict[str, engine.Stat], rows: engine.Rows, keys: engine.K
 # The InfoNCE denominators of both directions, with a hand-written backward.
 
 
-def _finite(m):
-  """A finite shift for a max that may be -inf (an empty row)."""
-  return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
-def _log_sum(m, l):
-  """`m + log l` where l > 0, else -inf."""
-  some = l > 0
-  return jnp.where(some, _finite(m) + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
-
-
 def _make_lse_core(tile_size: int):
   """`core(q, k, scale, bias, frozen) -> (row_lse [R], col_lse [N], (row_max, row_count, col_max, col_count))`: the
   LSE of each row's and each column's negatives over the tiles of `scale · q kᵀ + bias`, with its own VJP (only
@@ -138,17 +128,17 @@ def _make_lse_core(tile_size: int):
       m, l, c = carry
       tile, x = neg_tile(q, kt, scale, bias, frozen)
       m_new = jnp.maximum(m, jnp.max(x, axis=1))
-      shift = _finite(m_new)
+      shift = statistics.finite_shift(m_new)
       l = l * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift[:, None]), axis=1)
       c = c + jnp.sum(tile.neg, axis=1, dtype=jnp.float32)
       col_m = jnp.max(x, axis=0)  # [T]: complete (every local row is in the tile)
-      col_l = jnp.sum(jnp.exp(x - _finite(col_m)[None, :]), axis=0)
-      return (m_new, l, c), (_log_sum(col_m, col_l), col_m, jnp.sum(tile.neg, axis=0, dtype=jnp.float32))
+      col_l = jnp.sum(jnp.exp(x - statistics.finite_shift(col_m)[None, :]), axis=0)
+      return (m_new, l, c), (statistics.log_sum(col_m, col_l), col_m, jnp.sum(tile.neg, axis=0, dtype=jnp.float32))
 
     zeros = jnp.zeros_like(q[:, 0])  # [R]
     (m, l, c), cols = lax.scan(body, (zeros - jnp.inf, zeros, zeros), tiles(k, frozen))
     col_lse, col_max, col_count = (x.reshape(-1)[:k.shape[0]] for x in cols)
-    return _log_sum(m, l), col_lse, (m, c, col_max, col_count)
+    return statistics.log_sum(m, l), col_lse, (m, c, col_max, col_count)
 
   @jax.custom_vjp
   def core(q, k, scale, bias, frozen):
@@ -161,14 +151,14 @@ def _make_lse_core(tile_size: int):
   def core_bwd(res, g):
     q, k, scale, bias, frozen, row_lse, col_lse = res
     g_row, g_col = g[0], g[1]  # [R], [N]; the maxima and counts carry no gradient
-    row_shift = _finite(row_lse)  # a row with negatives has a finite LSE; an empty row's entries are masked
+    row_shift = statistics.finite_shift(row_lse)  # finite for a row with negatives; an empty row's entries are masked
 
     def body(dq_raw, x):
       kt, lse_t, g_t = x
       tile, _ = neg_tile(q, kt, scale, bias, frozen)
       # dL/dS on the negatives: each entry is in one row's and one column's softmax (each ≤ 1: s ≤ max ≤ LSE).
       p = (g_row[:, None] * jnp.exp(tile.s - row_shift[:, None]) +
-           g_t[None, :] * jnp.exp(tile.s - _finite(lse_t)[None, :]))
+           g_t[None, :] * jnp.exp(tile.s - statistics.finite_shift(lse_t)[None, :]))
       ds = jnp.where(tile.neg, p, 0.0)  # [R, T]
       dq_raw = dq_raw + jnp.dot(ds, kt.k, precision=lax.Precision.HIGHEST)  # [R, d]
       return dq_raw, scale * jnp.dot(ds.T, q, precision=lax.Precision.HIGHEST)  # dK tile [T, d]
@@ -216,8 +206,8 @@ def lse_both(rows: engine.Rows, keys: engine.Keys, *, scale=1.0, bias=0.0, tile_
   row_lse, col_lse, (row_max, row_count, col_max, col_count) = _make_lse_core(tile_size)(
       q, k, scale, bias, (rows._replace(q=None), keys._replace(k=None)))
   if gathered:  # [N_g] over this shard's rows -> this shard's keys over every shard's rows
-    top = _finite(shards.pmax(col_lse))
-    col_lse = _log_sum(shards.own(top), shards.psum_scatter(jnp.exp(col_lse - top)))
+    top = statistics.finite_shift(shards.pmax(col_lse))
+    col_lse = statistics.log_sum(shards.own(top), shards.psum_scatter(jnp.exp(col_lse - top)))
     col_max, col_count = shards.own(shards.pmax(col_max)), shards.psum_scatter(col_count)
   return ({"lse": row_lse, "max": row_max, "count": row_count},
           {"lse": col_lse, "max": col_max, "count": col_count})
