@@ -30,8 +30,10 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # scikit-learn: independent metric and probe references; portpicker: ports for multi-process tests.
-        "test": ["pytest", "hypothesis", "scikit-learn>=1.5", "portpicker"],
+        # scikit-learn: independent metric and probe references; portpicker: ports for multi-process tests;
+        # nbclient ... matplotlib: tests/test_notebook.py executes notebooks/analyze_checkpoint.ipynb.
+        "test": ["pytest", "hypothesis", "scikit-learn>=1.5", "portpicker", "nbclient", "nbformat", "ipykernel",
+                 "matplotlib"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel", "matplotlib"],
     },
     entry_points={"console_scripts": ["big-embed=big_embed.main:run"]},

@@ -33,7 +33,7 @@ class Field(NamedTuple):
 MODEL_TYPES = ("two_tower", "text")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "block", "dots")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("", "mean", "cls", "last")
 TASK_TYPES = ("retrieval", "sts", "classification", "multilabel")
 # Record-field roles a text task reads (config.data.tasks.<name>.fields.<role> names the record field).
 TASK_ROLES = ("query", "doc", "text_a", "text_b", "score", "text", "label")
@@ -112,16 +112,23 @@ TEXT_MODEL = {
         "max_position_embeddings": Field(512, "positions (random init only)"),
     },
     "tokenizer": Field("", "tokenizer.json source: '' = the pretrained model's (MiniLM's for a random init), or "
-                       "'minilm' / a directory"),
-    "pooling": Field("mean", "'mean' over non-pad tokens or 'cls' (the first token)", POOLINGS),
-    "embed_dim": Field(0, "> 0: a projection Dense hidden -> embed_dim (no bias); 0: none"),
-    "scaling_dim": Field(0, "> 0: Piccolo2's scaling layer, a Dense hidden -> scaling_dim (with bias); 0: none"),
-    "max_text_len": Field(128, "tokens per text, [CLS]/[SEP] included (at most the model's positions)"),
+                       "'minilm' / a directory / a text dataset of the data dir (the one `prepare files` trained)"),
+    "pooling": Field("", "'mean' over non-pad tokens, 'cls' (the first token), 'last' (the last non-pad token), or "
+                     "'' = the pretrained checkpoint's (its sentence-transformers Pooling; 'mean' without one)",
+                     POOLINGS),
+    "embed_dim": Field(0, "> 0: a projection Dense hidden -> embed_dim (no bias); 0: none, or the pretrained "
+                       "checkpoint's Dense module (without bias) when it has one"),
+    "scaling_dim": Field(0, "> 0: Piccolo2's scaling layer, a Dense hidden -> scaling_dim (with bias); 0: none, or "
+                         "the pretrained checkpoint's Dense module (with bias) when it has one"),
+    "max_text_len": Field(0, "tokens per text, [CLS]/[SEP] included (at most the model's positions); 0 = the "
+                          "pretrained checkpoint's sentence-transformers max_seq_length, else 128"),
     "dropout": Field(0.0, "BERT dropout rate while training (embeddings, attention, block outputs)"),
     "dtype": TWO_TOWER_MODEL["dtype"],
     **_LAYER_STACK,
-    "query_prefix": Field("", "put before every query text, e.g. 'query: '"),
-    "doc_prefix": Field("", "put before every document, key, label and hard-negative text, e.g. 'passage: '"),
+    "query_prefix": Field("", "put before every query text, e.g. 'query: ' ('' = the pretrained checkpoint's "
+                          "sentence-transformers query prompt, if any)"),
+    "doc_prefix": Field("", "put before every document, key, label and hard-negative text, e.g. 'passage: ' ('' = "
+                        "the pretrained checkpoint's document prompt, if any)"),
 }
 MODELS = {"two_tower": TWO_TOWER_MODEL, "text": TEXT_MODEL}
 DATA = {
@@ -136,13 +143,15 @@ DATA = {
 }
 TEXT_TASK = {
     "type": Field("retrieval", "what the batches hold and which losses can train on them", TASK_TYPES),
-    "dataset": Field("", "a prepared text corpus (`python -m big_embed.data.prepare NAME`)"),
+    "dataset": Field("", "a prepared text corpus (`python -m big_embed.data.prepare NAME`), or a dataset of the "
+                     "data dir (`prepare files --name NAME`)"),
     "split": Field("train", "the split to train on"),
     "weight": Field(1.0, "> 0: the task's share of steps is weight / the sum of the weights"),
     "batch_size": Field(0, "the task's global batch size (0 = config.train.batch_size)"),
-    "fields": {role: Field(role, f"record field read as the {role!r} role") for role in TASK_ROLES},
-    "num_negatives": Field(0, "retrieval: mined hard negatives per row (needs `mined`); classification: other "
-                           "label texts per row (0 = all)"),
+    "fields": {role: Field("", f"record field read as the {role!r} role ('' = the dataset's default for the task "
+                           f"type, else the field {role!r})") for role in TASK_ROLES},
+    "num_negatives": Field(0, "retrieval: hard negatives per row (from `mined`, else the records' own negatives); "
+                           "classification: other label texts per row (0 = all)"),
     "mined": Field("", "name of a mined hard-negative set in <data_dir>/mined/ (retrieval only; '' = none)"),
     "max_records": Field(0, "> 0: use only the split's first max_records records (0 = all)"),
 }

@@ -1,5 +1,10 @@
 """Metric writers (one JSON line per record in `<workdir>/metrics.jsonl`, TensorBoard event files) and the train
-window (the steps between two train records: their mean metrics, step time, throughput and MFU)."""
+window (the steps between two train records: their mean metrics, step time, throughput and MFU).
+
+A metric has one name everywhere: the key of its metrics.jsonl record is its TensorBoard tag, verbatim
+("eval/debtags/p@1", "eval/bible/recall@1@d64"). tensorboardX's `add_scalar` would turn every character other than
+letters, digits and "_-/." into "_" ("p_1"), so the writer builds the summaries itself; TensorBoard reads any tag.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import time
 from typing import Any
 
 import jax
-from tensorboardX import SummaryWriter
+from tensorboardX import FileWriter
+from tensorboardX.proto.summary_pb2 import Summary
 
 from big_embed import hardware
 
@@ -25,7 +31,7 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=10)
+      self._tb = FileWriter(str(self.workdir / "tensorboard"), flush_secs=10)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -35,8 +41,8 @@ class MetricWriter:
               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    for k, v in clean.items():
-      self._tb.add_scalar(k, v, int(step))
+    summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in clean.items()])
+    self._tb.add_summary(summary, int(step), record["time"])
 
   def close(self):
     if self.enabled:

@@ -45,12 +45,26 @@ def is_run(path: str | os.PathLike[str]) -> bool:
 
 def run_tokenizer(workdir: pathlib.Path, model_config: ml_collections.ConfigDict, data_dir) -> Tokenizer:
   """The run's own copy, so that a resumed run keeps its vocabulary; on the first start, the model kind's
-  pretrained tokenizer (`ModelKind.tokenizer_source`) or else the one prepared with the data, then saved."""
+  tokenizer (`ModelKind.tokenizer_source`: a pretrained one, or a dataset's of `data_dir` by its name, which
+  `prepare files` trains for a text dataset) or else the one prepared with the image data, then saved.
+
+  Raises:
+    ConfigError: the source is no pretrained name, directory or dataset with a tokenizer.
+  """
   own = workdir / TOKENIZER_FILE
   if own.exists():
     return Tokenizer.from_file(str(own))
   source = models.kind_of(model_config).tokenizer_source(model_config)
-  if source:
+  dataset_tokenizer = (tokenizer_lib.dataset_tokenizer_path(data_dir, source)
+                       if source.isidentifier() and source not in pretrained.NAMES else None)
+  if dataset_tokenizer is not None and dataset_tokenizer.is_file():
+    tok = Tokenizer.from_file(str(dataset_tokenizer))
+  elif source:
+    if dataset_tokenizer is not None and not pathlib.Path(source).is_dir():
+      raise ConfigError(f"tokenizer {source!r} (config.model.tokenizer, else .pretrained) is no pretrained name "
+                        f"{list(pretrained.NAMES)}, no directory, and no dataset of {data_dir} with a tokenizer (no "
+                        f"{dataset_tokenizer}; `python -m big_embed.data.prepare files --name {source} ...` trains "
+                        "one for a text dataset)")
     tok = pretrained.load_tokenizer(pretrained.resolve_pretrained(source))
   else:
     tok = tokenizer_lib.load_tokenizer(data_dir)

@@ -40,7 +40,7 @@ def get_config(arg=None):
   args = cu.parse_arg(arg, sts=False)
   c = cu.base_config("text")  # every model field documented in big_embed/config_schema.py (TEXT_MODEL)
   c.model.pretrained = "minilm"
-  c.model.max_text_len = 256  # MiniLM's max_seq_length in sentence-transformers
+  # pooling, max_text_len (256) and prompts are left to the checkpoint's sentence-transformers files (printed)
   c.loss = cu.loss("infonce", temperature=0.05)  # eval only; the training recipes pick their loss
   c.train.update(dict(batch_size=64, steps=1, learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, b2=0.999,
                       log_every=10, eval_every=1000, checkpoint_every=1000))

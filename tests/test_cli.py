@@ -156,6 +156,24 @@ def test_encode_bad_input_is_one_error_line(text_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# python -m big_embed.export
+
+
+def test_export_run_loads_back_with_the_runs_embeddings(text_run, tmp_path):
+  """The exported directory, read back by big_embed's pretrained loader, embeds as the run does (prefixes too)."""
+  out = tmp_path / "exported"
+  proc = _cli("export", "--workdir", text_run, "--output", out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"-> {out}" in proc.stdout
+  run, exported = encode.load(text_run), encode.load(str(out))
+  assert (exported.query_prefix, exported.doc_prefix, exported.max_len) == (QUERY_PREFIX, DOC_PREFIX, run.max_len)
+  for role in ("query", "doc"):
+    np.testing.assert_allclose(exported.encode(TEXTS, role=role), run.encode(TEXTS, role=role), atol=1e-5)
+  line = _error_line(_cli("export", "--workdir", text_run, "--output", out))
+  assert "exists and is not empty" in line and "--overwrite" in line
+
+
+# ------------------------------------------------------------------------------------------------
 # python -m big_embed.mine
 
 # The untrained tower's cosines crowd into [0.92, 0.99]: margins there drop candidates by both filters.

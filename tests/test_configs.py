@@ -78,7 +78,7 @@ def test_every_schema_field_has_a_default_and_a_description():
   for name in ("TOP", "MESH", "TRAIN", "TWO_TOWER_MODEL", "TEXT_MODEL", "DATA", "TEXT_TASK", "TEACHER"):
     walk(getattr(config_schema, name), name)
   c = config_schema.base_config("text")
-  assert c.model.type == "text" and c.model.pooling == "mean" and c.train.batch_size == 256
+  assert c.model.type == "text" and c.model.pooling == "" and c.model.max_text_len == 0 and c.train.batch_size == 256
   config_schema.validate(c)
 
 
@@ -98,7 +98,7 @@ def test_parse_arg():
 
 def test_text_task_fields():
   task = config_utils.text_task(type="sts", dataset="lee50", fields={"score": "similarity"})
-  assert task.type == "sts" and task.fields.score == "similarity" and task.fields.text_a == "text_a"
+  assert task.type == "sts" and task.fields.score == "similarity" and task.fields.text_a == ""  # "" = the dataset's
   with pytest.raises(ConfigError, match="no field"):
     config_utils.text_task(kind="sts")
   with pytest.raises(ConfigError, match="no role"):

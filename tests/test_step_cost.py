@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from big_embed import hardware
 from big_embed import metrics as metrics_lib
@@ -23,7 +21,7 @@ from big_embed.train import compile_only
 from big_embed.train import experiment
 from big_embed.train import loop
 from big_embed.train import step_cost
-from tests import tiny
+from tests import event_files, tiny
 
 THROUGHPUT = ("train/step_time_sec", "train/samples_per_sec", "train/device_tflops_per_sec")
 
@@ -163,16 +161,11 @@ def test_the_window_averages_and_gives_mfu_when_the_peak_is_known(kind):
 
 
 def _tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
-  """tag -> {step: value} from the TFRecord-framed event files (length, crc, event, crc)."""
+  """tag -> {step: value} from the event files of `directory`."""
   out: dict[str, dict[int, float]] = {}
   for path in directory.glob("events.out.tfevents.*"):
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = value.simple_value
+    for step, tag, value in event_files.scalars(path):
+      out.setdefault(tag, {})[step] = value
   return out
 
 

@@ -3,6 +3,8 @@
     corpora/         every dataset, one module each, and the corpus registry (`corpora.get(name)`)
     build, prepare   build corpora into the data directory (`python -m big_embed.data.prepare NAME ...`)
     sources          prepared datasets by name: open a split, read its records or features
+    own_files, own_dataset   `prepare files`: a dataset of your own .jsonl/.tsv/.csv (roles, checks, the build)
+    found_datasets   the datasets found by name in a data dir (`prepare files` builds, your own TFDS datasets)
     pipeline         the image-text training stream and the image evaluation sets
     text_tasks       `config.data.tasks` resolved into TaskSpecs and checked (`validate_tasks`)
     text_stream      the multi-task text training stream; text_batches: each task type's batches

@@ -32,19 +32,9 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
     return False
   for package in corpora.get(name).debian_packages:
     debian.ensure_package(package)
-  # A previous build (or an interrupted one: TFDS writes into `incomplete.*` first) is removed.
-  for stale in [target, *target.parent.glob(f"incomplete.*_{target.name}")]:
-    if stale.exists():
-      print(f"{name}: removing {stale}", flush=True)
-      shutil.rmtree(stale)
   start = time.perf_counter()
-  data_dir.mkdir(parents=True, exist_ok=True)
   builder = sources.make_builder(name, data_dir)
-  with tempfile.TemporaryDirectory(prefix="big_embed_downloads_") as downloads:
-    builder.download_and_prepare(
-        download_dir=downloads,
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  write_dataset(name, builder, target)
   skips = getattr(builder, "skip_counts", None)  # Text corpora count the records they drop.
   if skips is not None:
     print(skips.message(name), flush=True)
@@ -54,10 +44,25 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
   return True
 
 
+def write_dataset(name: str, builder: tfds.core.GeneratorBasedBuilder, target: pathlib.Path) -> None:
+  """Writes `builder`'s dataset (array_record, no statistics) into `target`, its `<data_dir>/<name>/<version>`,
+  after removing a previous build there (or an interrupted one: TFDS writes into `incomplete.*` first)."""
+  for stale in [target, *target.parent.glob(f"incomplete.*_{target.name}")]:
+    if stale.exists():
+      print(f"{name}: removing {stale}", flush=True)
+      shutil.rmtree(stale)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix="big_embed_downloads_") as downloads:
+    builder.download_and_prepare(
+        download_dir=downloads,
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
 def _training_texts(data_dir: pathlib.Path) -> Iterator[str]:
   """Every caption (or a text covering its words) the image-text training stream can produce, over the prepared
-  image corpora."""
-  for corpus in corpora.entries("image"):
+  image datasets (the bundled corpora and those found in `data_dir`)."""
+  for corpus in sources.entries("image", data_dir):
     if sources.is_prepared(corpus.name, data_dir):
       yield from corpus.image_text.caption_texts(
           lambda split, name=corpus.name: sources.read_all(name, data_dir, split))
@@ -68,10 +73,7 @@ def build_tokenizer(data_dir: str | os.PathLike[str] | None,
   """Trains the tokenizer on the prepared datasets' training captions; returns its path."""
   data_dir = paths.resolve_data_dir(data_dir)
   tok = tokenizer.train_tokenizer(_training_texts(data_dir), vocab_size=vocab_size)
-  path = paths.tokenizer_path(data_dir)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tok.save(tmp)
-  os.replace(tmp, path)  # Readers never see a partial file.
+  path = tokenizer.save_atomically(tok, paths.tokenizer_path(data_dir))
   print(f"tokenizer: vocabulary of {tok.vocab_size} -> {path}", flush=True)
   return path
 
@@ -103,7 +105,7 @@ def prepare(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None
   data_dir = paths.resolve_data_dir(data_dir)
   built = {name: prepare_dataset(name, data_dir, overwrite=overwrite) for name in names}
   # The tokenizer is trained on image captions only: text corpora alone neither need nor change it.
-  image = corpora.names("image")
+  image = sources.names("image", data_dir)
   has_captions = any(sources.is_prepared(n, data_dir) for n in image)
   built_captions = any(built[n] for n in built if n in image)
   if has_captions and (built_captions or not _tokenizer_ok(data_dir)):

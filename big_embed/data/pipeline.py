@@ -23,24 +23,23 @@ from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError
 
 
-def _image_text(name: str) -> corpora.ImageText:
-  corpus = corpora.get(name)
+def _image_text(name: str, data_dir: str | os.PathLike[str] | None) -> corpora.ImageText:
+  corpus = sources.corpus(name, data_dir)
   if corpus.image_text is None:
     raise ConfigError(f"dataset {name!r} is a text corpus, not an image-text one; image corpora: "
-                      f"{', '.join(corpora.names('image'))}")
+                      f"{', '.join(sources.names('image', data_dir))}")
   return corpus.image_text
 
 
 # Decoded element: {"image": uint8 [S, S, 3], "ids": int, ...what the corpus's caption reads}; examples with equal
 # ids show the same thing (positives of each other), which losses with duplicate-id masks or multiple positives read.
-def _decode(record: dict[str, Any], *, name: str, image_size: int) -> dict[str, Any]:
-  spec = _image_text(name)
+def _decode(record: dict[str, Any], *, spec: corpora.ImageText, image_size: int) -> dict[str, Any]:
   return {"image": image_ops.to_rgb(record[spec.image_field], image_size), **spec.example(record)}
 
 
-def _caption(element: dict[str, Any], rng: np.random.Generator, *, name: str) -> dict[str, Any]:
+def _caption(element: dict[str, Any], rng: np.random.Generator, *, spec: corpora.ImageText) -> dict[str, Any]:
   """{"image": uint8 [S, S, 3], "text": str, "ids": int}."""
-  return {"image": element["image"], "ids": element["ids"], "text": _image_text(name).caption(element, rng)}
+  return {"image": element["image"], "ids": element["ids"], "text": spec.caption(element, rng)}
 
 
 def _mismatch_captions(batch: dict[str, np.ndarray], rng: np.random.Generator, fraction: float
@@ -68,18 +67,19 @@ def _tokenize(batch: dict[str, np.ndarray], tokenizer: Tokenizer, max_len: int
 def _source_dataset(name: str, data_dir: str | None, *, image_size: int, seed: int, process_index: int,
                     process_count: int) -> grain.MapDataset:
   """Infinite stream of one corpus's training examples {"image", "text": str, "ids"} for this process."""
+  spec = _image_text(name, data_dir)  # resolved here: worker processes need no registry lookup
   ds = grain.MapDataset.source(sources.open_split(name, data_dir, "train"))
   ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=seeds.derive(seed, name, "shuffle"))
-  ds = ds.map(functools.partial(_decode, name=name, image_size=image_size))
-  ds = ds.random_map(functools.partial(_caption, name=name), seed=seeds.derive(seed, name, "caption"))
+  ds = ds.map(functools.partial(_decode, spec=spec, image_size=image_size))
+  ds = ds.random_map(functools.partial(_caption, spec=spec), seed=seeds.derive(seed, name, "caption"))
   return ds.repeat(None)  # Reseeds shuffle and captions every epoch.
 
 
 def _mixture(data_config: ml_collections.ConfigDict) -> dict[str, float]:
   given = dict(reading.setting(data_config, "mixture"))
   mixture = {str(k): float(v) for k, v in given.items() if v > 0}
-  image = corpora.names("image")
+  image = sources.names("image", reading.data_dir(data_config))
   if not mixture or set(mixture) - set(image):
     raise ConfigError(f"config.data.mixture must give positive weights to some of {list(image)}; got {given}")
   return mixture
@@ -137,10 +137,10 @@ def make_train_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokeni
 
 def _read(name: str, data_dir: str | os.PathLike[str] | None, split: str, needs: Callable[[corpora.ImageText], str],
           what: str) -> tuple[corpora.ImageText, list[dict[str, Any]]]:
-  spec = _image_text(name)
+  spec = _image_text(name, data_dir)
   if not needs(spec):
     raise ConfigError(f"dataset {name!r} has no {what}; datasets with one: "
-                      f"{', '.join(c.name for c in corpora.entries('image') if needs(c.image_text))}")
+                      f"{', '.join(c.name for c in sources.entries('image', data_dir) if needs(c.image_text))}")
   return spec, sources.read_all(name, data_dir, split)
 
 
@@ -157,8 +157,7 @@ def load_zero_shot_set(name: str, data_dir: str | os.PathLike[str] | None, *, im
     DataError: the split is not prepared (or corrupt).
   """
   spec, records = _read(name, data_dir, split, lambda s: s.label_field, "zero-shot classes")
-  images = np.stack([r[spec.image_field] for r in records])  # [N, H, W(, 3)]
-  return {"images": image_ops.batch_to_rgb(images, image_size),
+  return {"images": image_ops.batch_to_rgb([r[spec.image_field] for r in records], image_size),
           "labels": np.fromiter((r[spec.label_field] for r in records), np.int32, len(records)),
           "class_names": list(spec.class_names), "templates": list(spec.prompt_templates)}
 
@@ -175,7 +174,6 @@ def load_retrieval_set(name: str, data_dir: str | os.PathLike[str] | None, *, im
     DataError: the split is not prepared (or corrupt).
   """
   spec, records = _read(name, data_dir, split, lambda s: s.caption_field, "retrieval captions")
-  images = np.stack([r[spec.image_field] for r in records])  # [N, H, W, 3]
-  return {"images": image_ops.batch_to_rgb(images, image_size),
+  return {"images": image_ops.batch_to_rgb([r[spec.image_field] for r in records], image_size),
           "captions": [to_str(r[spec.caption_field]) for r in records],
           "ids": [to_str(r[spec.id_field]) for r in records]}

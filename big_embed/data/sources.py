@@ -1,7 +1,9 @@
 """Prepared datasets by corpus name: their TFDS builders, where they live, and checked random access.
 
-The corpora are the registered ones (`big_embed.data.corpora`). Every failure to find or read a prepared dataset
-raises `DataError` naming the dataset, the file and the `prepare` command that (re)builds it.
+The datasets of a data directory are the registered corpora (`big_embed.data.corpora`) and the datasets found in
+it (`found_datasets`: built by `prepare files`, or by the user with TFDS): `corpus(name, data_dir)`,
+`entries(kind, data_dir)` and `names(kind, data_dir)` know both. Every failure to find or read a prepared dataset
+raises `DataError` naming the dataset, the file and the command that (re)builds it.
 """
 
 from __future__ import annotations
@@ -13,25 +15,68 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from big_embed.data import corpora, paths
+from big_embed.data import corpora, found_datasets, paths
 from big_embed.data.errors import DataError, prepare_command
+from big_embed.errors import ConfigError
 
-FILE_FORMAT = "array_record"  # the only TFDS format Grain reads without TensorFlow
+FILE_FORMAT = found_datasets.FILE_FORMAT  # the only TFDS format Grain reads without TensorFlow
+
+
+def entries(kind: str | None = None, data_dir: str | os.PathLike[str] | None = None) -> list[corpora.Corpus]:
+  """The registered corpora and the datasets found in `data_dir` (of `kind`, "image" or "text", if given), sorted
+  by name."""
+  found = found_datasets.find(paths.resolve_data_dir(data_dir)).corpora
+  both = {**found, **{c.name: c for c in corpora.entries()}}  # a found dataset never hides a registered one
+  return [c for _, c in sorted(both.items()) if kind is None or c.kind == kind]
+
+
+def names(kind: str | None = None, data_dir: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+  """The names of `entries(kind, data_dir)`."""
+  return tuple(c.name for c in entries(kind, data_dir))
+
+
+def corpus(name: str, data_dir: str | os.PathLike[str] | None) -> corpora.Corpus:
+  """The registered corpus or the dataset found in `data_dir` called `name`.
+
+  Raises:
+    ConfigError: neither has that name (the message lists the known ones).
+    DataError: `<data_dir>/<name>` is there but is not a dataset big_embed can read (the message says why).
+  """
+  if name in corpora.names():
+    return corpora.get(name)
+  resolved = paths.resolve_data_dir(data_dir)
+  found = found_datasets.find(resolved)
+  if name in found.corpora:
+    return found.corpora[name]
+  if name in found.problems:
+    raise DataError(found.problems[name])
+  raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(names(None, resolved))} (datasets of your own "
+                    f"are found by name in the data dir {resolved} once built: python -m big_embed.data.prepare "
+                    f"files --name {name} --train FILE)")
 
 
 def make_builder(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.core.DatasetBuilder:
-  """Returns the TFDS builder of corpus `name` in `data_dir`.
+  """Returns the TFDS builder of dataset `name` in `data_dir` (a reader for a found dataset).
 
   Raises:
-    ConfigError: no corpus is called `name`.
+    ConfigError: no dataset is called `name`.
+    DataError: a found dataset is not stored as array_record.
   """
-  return corpora.get(name).builder(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
+  return corpus(name, data_dir).builder(data_dir=str(paths.resolve_data_dir(data_dir)), file_format=FILE_FORMAT)
 
 
 def dataset_dir(name: str, data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
   """Returns `<data_dir>/<builder name>/<version>`, where the finished dataset lives."""
-  cls = corpora.get(name).builder
+  cls = corpus(name, data_dir).builder
   return paths.resolve_data_dir(data_dir) / cls.name / str(cls.VERSION)
+
+
+def rebuild_command(name: str, data_dir: str | os.PathLike[str] | None) -> str:
+  """What rebuilds dataset `name`: the `prepare` command of a registered corpus or of a `prepare files` dataset."""
+  cls = corpus(name, data_dir).builder
+  if issubclass(cls, found_datasets.FoundBuilder):
+    return f"{cls.command} --overwrite" if cls.command else f"rebuild it with TFDS into {dataset_dir(name, data_dir)}"
+  return prepare_command(data_dir, (name,), overwrite=True)
 
 
 def is_prepared(name: str, data_dir: str | os.PathLike[str] | None) -> bool:
@@ -53,7 +98,7 @@ class CheckedSource:
     return len(self._source)
 
   def _error(self, what: str, e: Exception) -> DataError:
-    fix = prepare_command(self._data_dir, (self._name,), overwrite=True)
+    fix = rebuild_command(self._name, self._data_dir)
     return DataError(f"Corrupt {self._name} dataset: cannot read {what} of split {self._split!r} "
                      f"in {self._dir} ({type(e).__name__}: {e}). Rebuild it with: {fix}")
 
@@ -86,8 +131,10 @@ def _not_prepared(name: str, resolved: str) -> DataError:
 
 
 def _cannot_open(name: str, resolved: str, what: str, e: Exception) -> DataError:
+  if isinstance(e, DataError):
+    return e
   return DataError(f"Cannot open {what} of dataset {name!r} in {dataset_dir(name, resolved)} "
-                   f"({type(e).__name__}: {e}). Rebuild it with: {prepare_command(resolved, (name,), overwrite=True)}")
+                   f"({type(e).__name__}: {e}). Rebuild it with: {rebuild_command(name, resolved)}")
 
 
 def features(name: str, data_dir: str | os.PathLike[str] | None) -> tfds.features.FeaturesDict:

@@ -8,7 +8,7 @@ B = task batch_size // process_count; batch k of a process is a pure function of
 Batches (numpy, L = max_text_len):
   retrieval:      query, key int32 [B, L]; ids int32 [B] (`text_records.text_id` of the document text, so equal
                   documents are not each other's negatives); with num_negatives = H > 0 also hard_negatives int32
-                  [B, H, L] and hard_negative_valid bool [B, H] (from a mined set).
+                  [B, H, L] and hard_negative_valid bool [B, H] (from a mined set, or the records' own negatives).
   sts:            query, key int32 [B, L] (text_a, text_b); score float32 [B].
   classification: query int32 [B, L] (the text), key int32 [B, L] (its label's text), hard_negatives int32
                   [B, H, L] (H other label texts, sampled without replacement), hard_negative_valid bool [B, H]
@@ -27,10 +27,12 @@ rows in order). Every process recomputes the other processes' sampled labels for
 positive draws are cheap pure functions), so each label id is valid exactly once in the global pool, whatever the
 number of processes.
 
-Retrieval hard negatives come from a mined set (`mined_negatives`): row i lists record indices of the same split
-(-1 = none). Per step and row, H of the row's usable candidates are sampled without replacement; a candidate is
-unusable when it is -1, a record whose document is empty, or a document equal (same id) to a positive of the
-process-local batch. Rows with fewer usable candidates are padded (hard_negative_valid False).
+Retrieval hard negatives come from a mined set (`mined_negatives`: row i lists record indices of the same split,
+-1 = none, whose documents are the candidates) or from the task's "negatives" field (record i's own negative texts,
+`Corpus.negatives`). Per step and row, H of the row's usable candidates are sampled without replacement; a candidate
+is unusable when it is -1, a record whose document is empty, or a text equal (same id) to a positive of the
+process-local batch (or to an earlier candidate of the row). Rows with fewer usable candidates are padded
+(hard_negative_valid False).
 """
 
 from __future__ import annotations
@@ -97,8 +99,23 @@ class TaskBatches:
     return state
 
 
+def _own_negatives(values: list) -> tuple[list[str], np.ndarray]:
+  """(the distinct negative texts [M], int64 [N, Hm] each record's negatives as indices into them, -1 padded) of a
+  Text or Sequence(Text) negatives column."""
+  per_record = []
+  for value in values:
+    texts = (text_records.as_text(v) for v in ([value] if isinstance(value, (bytes, str)) else value))
+    per_record.append([t for t in texts if t])
+  index: dict[str, int] = {}
+  cand = np.full((len(values), max([1] + [len(n) for n in per_record])), -1, np.int64)
+  for i, texts in enumerate(per_record):
+    cand[i, :len(texts)] = [index.setdefault(t, len(index)) for t in texts]
+  return list(index), cand
+
+
 class RetrievalBatches(TaskBatches):
-  """query, key, ids; with num_negatives H > 0 also hard_negatives and hard_negative_valid (a mined set)."""
+  """query, key, ids; with num_negatives H > 0 also hard_negatives and hard_negative_valid (a mined set, or the
+  records' own negatives)."""
 
   def __init__(self, spec, columns, *, mined, **kw):
     queries = [text_records.as_text(v) for v in columns[spec.fields["query"]]]
@@ -106,9 +123,16 @@ class RetrievalBatches(TaskBatches):
     usable = np.array([i for i, (q, d) in enumerate(zip(queries, docs)) if q and d], np.int64)
     super().__init__(spec, usable=usable, **kw)
     self._queries, self._docs = queries, docs
-    self._doc_ok = np.array([bool(d) for d in docs], bool)  # [N]
     self._doc_ids = np.array([text_records.text_id(d) for d in docs], np.int32)  # [N]
-    self._negatives = mined.negatives if mined is not None else None  # [N, Hm]
+    # Candidates [N, Hm]: indices into a pool of texts (-1 = none), with their ids and whether they are usable.
+    self._candidates = None
+    if mined is not None:  # indices of records: their documents
+      self._candidates, self._pool = mined.negatives, docs
+      self._pool_ids, self._pool_ok = self._doc_ids, np.array([bool(d) for d in docs], bool)
+    elif "negatives" in spec.fields:
+      self._pool, self._candidates = _own_negatives(columns[spec.fields["negatives"]])
+      self._pool_ids = np.array([text_records.text_id(t) for t in self._pool] or [0], np.int32)  # [M]
+      self._pool_ok = np.ones(len(self._pool_ids), bool)
 
   def batch(self, k, process_index):
     rows = self.record_indices(k, process_index)  # [B]
@@ -116,19 +140,22 @@ class RetrievalBatches(TaskBatches):
     out = {"query": self.encode([self._qp + self._queries[r] for r in rows]),
            "key": self.encode([self._dp + self._docs[r] for r in rows]),
            "ids": ids}
-    if self._negatives is not None:
+    if self._candidates is not None:
       h = self.spec.num_negatives
-      cand = self._negatives[rows]  # [B, Hm]
+      cand = self._candidates[rows]  # [B, Hm]
       safe = np.maximum(cand, 0)
-      cand_ids = self._doc_ids[safe]  # [B, Hm]
-      ok = (cand >= 0) & self._doc_ok[safe] & ~np.isin(cand_ids, ids)  # [B, Hm]
+      cand_ids = self._pool_ids[safe]  # [B, Hm]
+      ok = (cand >= 0) & self._pool_ok[safe] & ~np.isin(cand_ids, ids)  # [B, Hm]
       same = (cand_ids[:, :, None] == cand_ids[:, None, :]) & ok[:, None, :]  # [B, Hm, Hm]: j equals usable j'
-      ok &= ~np.tril(same, k=-1).any(axis=2)  # a document listed twice counts once
+      ok &= ~np.tril(same, k=-1).any(axis=2)  # a text listed twice counts once
+      if ok.shape[1] < h:  # fewer candidates than negatives: padding slots
+        pad = ((0, 0), (0, h - ok.shape[1]))
+        cand, ok = np.pad(cand, pad, constant_values=-1), np.pad(ok, pad)
       order = np.argsort(np.where(ok, self.rng(k, process_index, 1).random(cand.shape), np.inf),
                          axis=1, kind="stable")[:, :h]  # [B, H]: usable candidates first, in random order
       chosen = np.take_along_axis(cand, order, axis=1)
       valid = np.take_along_axis(ok, order, axis=1)  # [B, H]
-      texts = [self._dp + self._docs[c] if v else "" for c, v in zip(chosen.ravel(), valid.ravel())]
+      texts = [self._dp + self._pool[c] if v else "" for c, v in zip(chosen.ravel(), valid.ravel())]
       out["hard_negatives"] = self.encode(texts).reshape(len(rows), h, self._max_len)
       out["hard_negative_valid"] = valid
     return out
@@ -250,7 +277,7 @@ def open_task(spec: TaskSpec, reader: text_records.ColumnReader, features: Any, 
   extra = {}
   if spec.type == "retrieval":
     num_records = len(next(iter(columns.values())))
-    extra["mined"] = (read_mined_for(spec, data_dir, num_records) if spec.num_negatives else None)
+    extra["mined"] = (read_mined_for(spec, data_dir, num_records) if spec.num_negatives and spec.mined else None)
   if spec.type in ("classification", "multilabel"):
     label = spec.fields["label"]
     extra["labels"] = text_records.label_vocab(features[label], columns[label])

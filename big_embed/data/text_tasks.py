@@ -10,10 +10,14 @@
 
 A task's fields and their defaults are `big_embed.config_schema.TEXT_TASK`. Its type says which record-field roles
 it reads (`TYPE_ROLES`) and what its batches hold (`big_embed.data.text_batches`): retrieval (query -> doc,
-optionally mined hard negatives), sts (scored text pairs), classification (text -> its label's text against other
+optionally hard negatives), sts (scored text pairs), classification (text -> its label's text against other
 label texts) and multilabel (text -> one of its labels, in a pool of the batch's labels). Text roles read Text or
 Sequence(Text) fields; a classification label is a ClassLabel or Text field, a multilabel label a Sequence of
-either, an sts score a number.
+either, an sts score a number. A role left empty reads the dataset's default field for the task type (its registry
+entry's retrieval / sts / probe / multilabel defaults, e.g. query -> positive of a dataset of your own), else the
+field named like the role. A retrieval task's hard negatives (num_negatives > 0) come from a mined set (`mined`) or,
+without one, from the records' own negatives (`Corpus.negatives`, e.g. the `negative(s)` of `prepare files`), which
+belong to the dataset's default (query, doc) pair.
 
 `validate_tasks` is the one check: the structure (`resolve_tasks`), batch sizes against the mesh and the
 processes, and every field against the prepared dataset's features, with label counts. The training stream
@@ -34,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from big_embed import config_schema
-from big_embed.data import corpora, reading, sources
+from big_embed.data import corpora, paths, reading, sources
 from big_embed.data.mined_negatives import MINED_DIR
 from big_embed.errors import ConfigError
 
@@ -64,7 +68,7 @@ class TaskSpec:
   split: str
   weight: float
   batch_size: int  # global
-  fields: dict[str, str]  # role -> record field, only the roles of `type`
+  fields: dict[str, str]  # role -> record field, only the roles of `type` (+ "negatives": in-record hard negatives)
   num_negatives: int
   mined: str
   max_records: int = 0  # 0 = all records of the split
@@ -97,15 +101,22 @@ def _batch_size(value: Any, default_batch_size: int, where: str) -> int:
   return batch_size
 
 
-def _fields(given: Any, defaults: Mapping[str, str], task_type: str, dataset: str, where: str) -> dict[str, str]:
+# The registry entry's default fields of each task type, in the order of the type's roles.
+_CORPUS_DEFAULTS = {"retrieval": "retrieval", "sts": "sts", "classification": "probe", "multilabel": "multilabel"}
+
+
+def _fields(given: Any, task_type: str, corpus: corpora.Corpus, where: str) -> dict[str, str]:
+  """role -> field: given, else the corpus's default for the task type, else the role's own name."""
   bad_roles = sorted(set(given.keys()) - set(config_schema.TASK_ROLES))
   if bad_roles:
     raise ConfigError(f"{where}.fields has unknown role(s) {bad_roles}; known: {list(config_schema.TASK_ROLES)}")
-  fields = {**defaults, **dict(given)}
-  fields = {role: fields[role] for role in TYPE_ROLES[task_type]}
+  roles = TYPE_ROLES[task_type]
+  corpus_defaults = dict(zip(roles, getattr(corpus, _CORPUS_DEFAULTS[task_type]) or ()))
+  fields = {role: given[role] if role in given and given[role] != "" else corpus_defaults.get(role, role)
+            for role in roles}
   for role, field in fields.items():
     if not isinstance(field, str) or not field:
-      raise ConfigError(f"{where}.fields.{role} must name a record field of {dataset!r}, got {field!r}")
+      raise ConfigError(f"{where}.fields.{role} must name a record field of {corpus.name!r}, got {field!r}")
   return fields
 
 
@@ -121,15 +132,12 @@ def _negatives(task: Any, task_type: str, where: str) -> tuple[int, str]:
                       "set it to 0")
   if mined and task_type != "retrieval":
     raise ConfigError(f"{where}.mined={mined!r}, but only retrieval tasks read mined hard negatives; set it to ''")
-  if task_type == "retrieval" and num_negatives and not mined:
-    raise ConfigError(f"{where}.num_negatives={num_negatives} needs a mined hard-negative set: set {where}.mined to "
-                      f"its name (in <data_dir>/{MINED_DIR}/<name>), or num_negatives=0")
   if mined and (mined in (".", "..") or "/" in mined or os.sep in mined):
     raise ConfigError(f"{where}.mined={mined!r} must be a plain directory name under <data_dir>/{MINED_DIR}/")
   return num_negatives, mined
 
 
-def _resolve_task(name: str, given: Any, default_batch_size: int) -> TaskSpec:
+def _resolve_task(name: str, given: Any, default_batch_size: int, data_dir: str | None) -> TaskSpec:
   where = f"config.data.tasks.{name}"
   if not isinstance(given, (Mapping, ml_collections.ConfigDict)):
     raise ConfigError(f"{where} must be a task ConfigDict (config_utils.text_task(...)), got {given!r}")
@@ -142,25 +150,44 @@ def _resolve_task(name: str, given: Any, default_batch_size: int) -> TaskSpec:
   if task_type not in TYPE_ROLES:
     raise ConfigError(f"{where}.type={task_type!r} is unknown; use one of {list(config_schema.TASK_TYPES)}")
   dataset = task["dataset"]
-  if dataset not in corpora.names("text"):
-    raise ConfigError(f"{where}.dataset={dataset!r} is not a known text corpus; known: "
-                      f"{', '.join(corpora.names('text'))}")
+  text_datasets = sources.names("text", data_dir)
+  if dataset not in text_datasets:
+    raise ConfigError(f"{where}.dataset={dataset!r} is not a known text corpus; known: {', '.join(text_datasets)} "
+                      f"(the bundled ones and those found in the data dir {paths.resolve_data_dir(data_dir)}; build "
+                      "one of your own with python -m big_embed.data.prepare files --name NAME --train FILE)")
+  corpus = sources.corpus(dataset, data_dir)
   split = task["split"]
-  splits = corpora.get(dataset).splits
+  splits = corpus.splits
   if not isinstance(split, str) or split.split("[", 1)[0] not in splits:
     raise ConfigError(f"{where}.split={split!r} is not a split of {dataset!r}; its splits: {', '.join(splits)}")
   num_negatives, mined = _negatives(task, task_type, where)
   max_records = _as_int(task["max_records"], f"{where}.max_records")
   if max_records < 0:
     raise ConfigError(f"{where}.max_records must be >= 0 (0 = all records), got {max_records}")
+  fields = _fields(task["fields"], task_type, corpus, where)
+  if task_type == "retrieval" and num_negatives and not mined:
+    fields["negatives"] = _in_record_negatives(corpus, fields, num_negatives, where)
   return TaskSpec(name=str(name), type=task_type, dataset=dataset, split=split, weight=_weight(task["weight"], where),
-                  batch_size=_batch_size(task["batch_size"], default_batch_size, where),
-                  fields=_fields(task["fields"], defaults.fields, task_type, dataset, where),
+                  batch_size=_batch_size(task["batch_size"], default_batch_size, where), fields=fields,
                   num_negatives=num_negatives, mined=mined, max_records=max_records)
 
 
+def _in_record_negatives(corpus: corpora.Corpus, fields: dict[str, str], num_negatives: int, where: str) -> str:
+  """The field of a retrieval task's in-record hard negatives (it has num_negatives > 0 and no mined set)."""
+  if corpus.negatives is None:
+    raise ConfigError(f"{where}.num_negatives={num_negatives} needs a mined hard-negative set: set {where}.mined to "
+                      f"its name (in <data_dir>/{MINED_DIR}/<name>); or a dataset whose records hold their own "
+                      "(a `negative(s)` field of `prepare files`); or num_negatives=0")
+  if (fields["query"], fields["doc"]) != corpus.retrieval:
+    raise ConfigError(f"{where}: the in-record negatives of {corpus.name!r} ({corpus.negatives!r}) belong to its "
+                      f"{corpus.retrieval[0]!r} -> {corpus.retrieval[1]!r} pairs, but the task reads "
+                      f"{fields['query']!r} -> {fields['doc']!r}; use those fields, a mined set, or num_negatives=0")
+  return corpus.negatives
+
+
 def resolve_tasks(data_config: ml_collections.ConfigDict, default_batch_size: int) -> dict[str, TaskSpec]:
-  """Checks the structure of `data_config.tasks` (nothing is read) and returns name -> TaskSpec, sorted by name.
+  """Checks the structure of `data_config.tasks` (no record is read; the datasets of the data dir are listed) and
+  returns name -> TaskSpec, sorted by name.
 
   Args:
     data_config: `config.data` with `tasks`.
@@ -173,7 +200,8 @@ def resolve_tasks(data_config: ml_collections.ConfigDict, default_batch_size: in
   tasks = data_config.get("tasks", None)
   if not isinstance(tasks, (Mapping, ml_collections.ConfigDict)) or not tasks:
     raise ConfigError(f"config.data.tasks is empty; add at least one text task, {_EXAMPLE}")
-  return {name: _resolve_task(name, tasks[name], default_batch_size) for name in sorted(tasks)}
+  data_dir = reading.data_dir(data_config)
+  return {name: _resolve_task(name, tasks[name], default_batch_size, data_dir) for name in sorted(tasks)}
 
 
 def check_fields(spec: TaskSpec, features: Any) -> dict[str, str]:

@@ -9,6 +9,7 @@ added around a text. A pretrained tokenizer.json (e.g. BERT's) keeps its post-pr
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -103,6 +104,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
                                       min_frequency=1, show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
   return Tokenizer(tok)
+
+
+def save_atomically(tok: Tokenizer, path: pathlib.Path) -> pathlib.Path:
+  """Writes `tok` to `path` (readers never see a partial file); returns `path`."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tok.save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def dataset_tokenizer_path(data_dir: str | os.PathLike[str] | None, name: str) -> pathlib.Path:
+  """`<data_dir>/<name>/tokenizer.json`: the tokenizer `prepare files` trains for text dataset `name`."""
+  return paths.resolve_data_dir(data_dir) / name / paths.TOKENIZER_FILENAME
 
 
 def load_tokenizer(data_dir: str | os.PathLike[str] | None) -> Tokenizer:

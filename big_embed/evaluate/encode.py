@@ -13,13 +13,15 @@ from big_embed.parallel import mesh as mesh_lib
 class Encoder:
   """Embeds NumPy inputs in fixed-size global batches sharded over the mesh's batch axes."""
 
-  def __init__(self, model, mesh, batch_size: int):
+  def __init__(self, model, mesh, batch_size: int, text_method: str = "encode_text"):
+    """`text_method`: the model's method that embeds tokens ("features": a text model's embeddings before
+    normalisation)."""
     shards = mesh_lib.batch_size_per_shard(mesh)
     self.batch_size = max(shards, (batch_size // shards) * shards)
     self.mesh = mesh
     out = mesh_lib.batch_sharding(mesh, 2)
     self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"), out_shardings=out)
-    self._text = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_text"), out_shardings=out)
+    self._text = jax.jit(lambda p, x: model.apply({"params": p}, x, method=text_method), out_shardings=out)
 
   def _run(self, fn, params, inputs: np.ndarray, desc: str | None) -> np.ndarray:
     n = len(inputs)

@@ -7,7 +7,8 @@ the first <dim> embedding dimensions re-normalised (a Matryoshka curve).
 
 Which corpora an evaluator reads, and its default fields, are the corpus registry's (`big_embed.data.corpora`:
 each corpus's `sts`, `retrieval`, `probe` and `multilabel` entries; e.g. retrieval on wordnet defaults to
-definition -> lemmas). Settings (config.evals.<name>, besides `type`):
+definition -> lemmas), and the datasets found in the data dir have theirs from their roles (`data.found_datasets`:
+e.g. query -> positive). Settings (config.evals.<name>, besides `type`):
   sts:            dataset (an STS corpus: lee50, wordsim353, simlex999), split="test", dims=()
                   -> spearman, pearson of the cosine similarity of text_a / text_b (both role "doc") with score.
   text_retrieval: dataset (bible, wordnet, debian_packages, foldoc, ...), query_field, doc_field (any text field;
@@ -93,10 +94,11 @@ class _Settings:
     return tuple(int(d) for d in v)
 
 
-def _corpus(s: _Settings, evaluator: str) -> corpora.Corpus:
-  """The `dataset` setting's corpus, one whose registry entry gives defaults for `evaluator` ("sts", ...)."""
-  readable = [c.name for c in corpora.entries("text") if getattr(c, evaluator) is not None]
-  return corpora.get(s.choice("dataset", readable))
+def _corpus(s: _Settings, evaluator: str, data_dir: str) -> corpora.Corpus:
+  """The `dataset` setting's corpus (registered, or found in `data_dir`), one whose registry entry gives defaults
+  for `evaluator` ("sts", ...)."""
+  readable = [c.name for c in sources.entries("text", data_dir) if getattr(c, evaluator) is not None]
+  return sources.corpus(s.choice("dataset", readable), data_dir)
 
 
 def _fields(s: _Settings, corpus: corpora.Corpus, evaluator: str, names: tuple[str, ...],
@@ -176,7 +178,7 @@ class STS:
 
   def __init__(self, settings, ctx):
     s = _Settings(settings, "sts", {"dataset": "", "split": "test", "dims": ()})
-    corpus = _corpus(s, "sts")
+    corpus = _corpus(s, "sts", ctx.data_dir)
     self.dataset, self.split, self.dims = corpus.name, s.string("split"), s.dims()
     self.ctx = ctx
     records = sources.read_all(self.dataset, ctx.data_dir, self.split)
@@ -212,7 +214,7 @@ class TextRetrieval:
     s = _Settings(settings, "text_retrieval", {
         "dataset": "", "query_field": "", "doc_field": "", "split": "test", "max_queries": 0, "max_docs": 0,
         "msd_mode": "", "dims": ()})
-    corpus = _corpus(s, "retrieval")
+    corpus = _corpus(s, "retrieval", ctx.data_dir)
     self.dataset = corpus.name
     query_field, doc_field = _fields(s, corpus, "retrieval", ("query_field", "doc_field"), (corpora.TEXT_KINDS,) * 2)
     self.split, self.dims = s.string("split"), s.dims()
@@ -290,7 +292,7 @@ class LinearProbe:
     s = _Settings(settings, "linear_probe", {
         "dataset": "", "text_field": "", "label_field": "", "train_split": "train", "test_split": "test",
         "max_train": 0, "max_test": 0, "steps": 500, "learning_rate": 1e-2, "weight_decay": 1e-4, "dims": ()})
-    corpus = _corpus(s, "probe")
+    corpus = _corpus(s, "probe", ctx.data_dir)
     self.dataset = corpus.name
     self.text_field, self.label_field = _fields(s, corpus, "probe", ("text_field", "label_field"),
                                                 (corpora.TEXT_KINDS, ("class",)))
@@ -346,7 +348,7 @@ class MultiLabel:
     s = _Settings(settings, "multilabel", {
         "dataset": "debian_packages", "text_field": "", "label_field": "", "split": "test", "max_queries": 0,
         "dims": ()})
-    corpus = _corpus(s, "multilabel")
+    corpus = _corpus(s, "multilabel", ctx.data_dir)
     self.dataset = corpus.name
     text_field, label_field = _fields(s, corpus, "multilabel", ("text_field", "label_field"),
                                       (corpora.TEXT_KINDS, ("class_seq",)))

@@ -32,3 +32,12 @@ def kind_of(model_config: ml_collections.ConfigDict) -> ModelKind:
   if name not in KINDS:
     raise ConfigError(f"config.model.type={name!r} is unknown; use one of {tuple(KINDS)}")
   return KINDS[name]
+
+
+def resolve(model_config: ml_collections.ConfigDict, announce: bool = False) -> ml_collections.ConfigDict:
+  """`config.model` with the fields left to a pretrained checkpoint filled from it (`ModelKind.resolve`); with
+  `announce`, prints what the checkpoint's files gave it."""
+  kind = kind_of(model_config)
+  if announce:
+    kind.announce(model_config)
+  return kind.resolve(model_config)

@@ -25,3 +25,6 @@ class ModelKind:
   pretrained_source: Callable[[ModelConfig], str]  # the checkpoint the model starts from ("" = none)
   pretrained_params: Callable[[ModelConfig], Any]  # that checkpoint's part of the params (host NumPy tree)
   tokenizer_source: Callable[[ModelConfig], str]  # a pretrained tokenizer to use ("" = the prepared data's)
+  # config.model with the fields left to a pretrained checkpoint filled from it (`run` saves this one)
+  resolve: Callable[[ModelConfig], ModelConfig] = lambda c: c
+  announce: Callable[[ModelConfig], None] = lambda c: None  # prints what the checkpoint gave the config

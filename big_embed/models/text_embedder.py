@@ -1,6 +1,6 @@
 """A text embedding model: one shared BERT tower for queries, documents, hard negatives and labels.
 
-tokens int32 [B, L] (0 = padding) -> BertEncoder -> pooling ("mean" over non-pad tokens, or "cls")
+tokens int32 [B, L] (0 = padding) -> BertEncoder -> pooling ("mean" over non-pad tokens, "cls" or "last" non-pad)
   -> optional Piccolo2 scaling layer (Dense hidden -> scaling_dim, with bias; Piccolo2 §3.2, for embeddings
      wider than the tower, e.g. with Matryoshka losses)  or  optional projection (Dense hidden -> embed_dim)
   -> L2 normalisation -> float32 [B, D].
@@ -9,6 +9,10 @@ The tower is a BERT initialised at random (`pretrained=""`, sizes from `bert`) o
 (`pretrained="minilm"` or a directory, see `models.pretrained`); then the model must use the checkpoint's own
 tokenizer (`models.pretrained.load_tokenizer`). Load the weights with `pretrained_model_params` and put them
 into freshly initialised params with `pretrained.merge_pretrained`. The config fields are `config_schema.TEXT_MODEL`.
+
+A config's fields left to the checkpoint (`pooling=""`, `max_text_len=0`, no `embed_dim` / `scaling_dim`, empty
+prefixes) take the checkpoint's sentence-transformers settings (`models.st_modules`): `resolve_config` fills them,
+and `announce_config` prints what it read, once, where a run or an encoder starts.
 """
 
 from __future__ import annotations
@@ -22,12 +26,62 @@ from big_embed.models import bert as bert_lib
 from big_embed.models import dropout as dropout_lib
 from big_embed.models import layers
 from big_embed.models import pretrained as pretrained_lib
+from big_embed.models import st_modules
 from big_embed.models.kind import ModelKind
 from big_embed.ops import l2_normalize
 
 # The batch entries the model embeds, all with the same tower.
 TEXT_INPUTS = ("query", "key", "hard_negatives", "label")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")
+DEFAULT_MAX_TEXT_LEN = 128  # a random init's, or a checkpoint's without a sentence-transformers max_seq_length
+
+
+def checkpoint_pipeline(model_config: ml_collections.ConfigDict) -> st_modules.Pipeline | None:
+  """The pretrained checkpoint's sentence-transformers pipeline (None for a random init)."""
+  if not model_config.get("pretrained", ""):
+    return None
+  return st_modules.read(pretrained_lib.resolve_pretrained(str(model_config.pretrained)))
+
+
+def resolve_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model_config` with the fields left to the checkpoint filled from it (a copy; idempotent).
+
+  pooling "" -> the checkpoint's (mean for a random init or a checkpoint without sentence-transformers files);
+  max_text_len 0 -> its max_seq_length, else 128; embed_dim / scaling_dim -> its Dense module (without / with
+  bias); query_prefix / doc_prefix "" -> its query / document prompt.
+
+  Raises:
+    ConfigError: the config sets embed_dim or scaling_dim while the checkpoint has a Dense module of its own, or
+      the checkpoint's sentence-transformers files are unreadable or unsupported (`st_modules.PretrainedError`).
+  """
+  c = ml_collections.ConfigDict(model_config.to_dict())
+  pipe = checkpoint_pipeline(c) or st_modules.Pipeline()
+  if not c.get("pooling", ""):
+    c.pooling = pipe.pooling
+  if not int(c.get("max_text_len", 0) or 0):
+    c.max_text_len = int(pipe.max_seq_length or DEFAULT_MAX_TEXT_LEN)
+  if pipe.dense is not None:
+    own = {"embed_dim": pipe.dense.kernel.shape[1] if pipe.dense.bias is None else 0,
+           "scaling_dim": pipe.dense.kernel.shape[1] if pipe.dense.bias is not None else 0}
+    mine = {k: int(c.get(k, 0) or 0) for k in own}
+    if any(mine.values()) and mine != own:
+      raise ConfigError(f"config.model sets {mine} but the checkpoint {c.pretrained!r} has its own Dense module "
+                        f"({own}); leave embed_dim and scaling_dim at 0 to use it")
+    c.update(own)
+  for field, prompt in (("query_prefix", pipe.query_prompt), ("doc_prefix", pipe.doc_prompt)):
+    if not c.get(field, ""):
+      c[field] = prompt
+  return c
+
+
+def announce_config(model_config: ml_collections.ConfigDict) -> None:
+  """Prints what the pretrained checkpoint's files gave the model (nothing for a random init)."""
+  pipe = checkpoint_pipeline(model_config)
+  if pipe is not None:
+    print(pipe.describe(repr(str(model_config.pretrained))), flush=True)
+    if not pipe.normalize:
+      print("  the checkpoint has no Normalize module: training normalises its embeddings (as every big_embed "
+            "model); encode() returns them as the checkpoint does", flush=True)
 
 
 def bert_config(model_config: ml_collections.ConfigDict, vocab_size: int) -> dict:
@@ -78,7 +132,7 @@ class TextEmbedder(nn.Module):
 
   def setup(self):
     c = self.config
-    if c.get("pooling", "mean") not in POOLINGS:
+    if c.get("pooling", "") not in POOLINGS:
       raise ConfigError(f"config.model.pooling={c.pooling!r} is unknown; use one of {POOLINGS}")
     embed_dim, scaling_dim = int(c.get("embed_dim", 0) or 0), int(c.get("scaling_dim", 0) or 0)
     if embed_dim < 0 or scaling_dim < 0 or (embed_dim and scaling_dim):
@@ -102,8 +156,12 @@ class TextEmbedder(nn.Module):
     """Pooled (and scaled / projected) features; a two-tower model projects these for its text side. `rows`: the
     tower's dropout RowKeys (None: no dropout)."""
     hidden = self.bert(tokens, rows)  # [B, L, H]
-    if self.config.get("pooling", "mean") == "cls":
+    pooling = self.config.pooling
+    if pooling == "cls":
       pooled = hidden[:, 0].astype(jnp.float32)  # [B, H]
+    elif pooling == "last":
+      last = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)  # [B]: the last non-pad position
+      pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [B, H]
     else:
       w = (tokens != 0)[..., None].astype(jnp.float32)  # [B, L, 1]
       pooled = jnp.sum(hidden.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-9)
@@ -152,15 +210,18 @@ def example_batch(max_text_len: int) -> dict:
 
 
 def build_text_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> TextEmbedder:
-  bert_config(model_config, vocab_size)  # Config errors now, not at the first trace.
+  """The model of `config.model` (`resolve_config` applied); config errors are raised now, not at the first trace."""
+  model_config = resolve_config(model_config)
+  bert_config(model_config, vocab_size)
   return TextEmbedder(config=model_config, vocab_size=vocab_size)
 
 
 def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
   """The checkpoint's part of a `TextEmbedder`'s params ({"bert": ...}, float32 NumPy, unboxed).
 
-  Layers absent from the checkpoint (projection, scaling) are not in the tree: `merge_pretrained` puts this
-  into freshly initialised params. With `scan_layers` the layers are stacked (`layers.stack_layers`). The tree
+  The checkpoint's sentence-transformers Dense module, if it has one, is the projection (no bias) or scaling (with
+  bias) layer; layers absent from the checkpoint are not in the tree: `merge_pretrained` puts this into freshly
+  initialised params. With `scan_layers` the layers are stacked (`layers.stack_layers`). The tree
   sits at the level of the "params" collection's content.
 
   Raises:
@@ -171,10 +232,16 @@ def pretrained_model_params(model_config: ml_collections.ConfigDict) -> dict:
   path = pretrained_lib.resolve_pretrained(model_config.pretrained)
   num_layers = int(model_config.get("num_layers", 0) or 0) or None
   bert = pretrained_lib.load_bert_params(path, num_layers)
-  return {"bert": layers.to_layout(bert, layers.stack_fields(model_config)["scan_layers"])}
+  params = {"bert": layers.to_layout(bert, layers.stack_fields(model_config)["scan_layers"])}
+  dense = st_modules.read(path).dense
+  if dense is not None:
+    params["projection" if dense.bias is None else "scaling"] = (
+        {"kernel": dense.kernel} if dense.bias is None else {"kernel": dense.kernel, "bias": dense.bias})
+  return params
 
 
 KIND = ModelKind(
-    name="text", build=build_text_model, example_batch=lambda c: example_batch(c.max_text_len), outputs=TEXT_INPUTS,
+    name="text", build=build_text_model, example_batch=lambda c: example_batch(resolve_config(c).max_text_len),
+    outputs=TEXT_INPUTS, resolve=resolve_config, announce=announce_config,
     pretrained_source=lambda c: c.get("pretrained", ""), pretrained_params=pretrained_model_params,
     tokenizer_source=lambda c: c.get("tokenizer", "") or c.get("pretrained", "") or pretrained_lib.MINILM)

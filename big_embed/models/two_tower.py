@@ -34,7 +34,7 @@ class TwoTower(nn.Module):
     c = self.config
     tower = {"dtype": jnp.dtype(c.dtype), **layers.stack_fields(c)}
     self.image_tower = vit_lib.ViT(image_size=c.image_size, patch_size=c.patch_size, **tower, **c.vision)
-    if c.get("text_pretrained", ""):  # a pretrained BERT (mean-pooled) as the text side
+    if c.get("text_pretrained", ""):  # a pretrained BERT (pooled as its checkpoint says) as the text side
       self.text_tower = text_embedder.build_text_model(pretrained_text_config(c), self.vocab_size)
     else:
       self.text_tower = text_lib.TextTransformer(vocab_size=self.vocab_size, max_len=c.max_text_len, **tower,
@@ -78,7 +78,7 @@ def pretrained_text_config(model_config: ml_collections.ConfigDict) -> ml_collec
   t.dtype = model_config.dtype
   t.dropout = model_config.text.get("dropout", 0.0)
   t.update(layers.stack_fields(model_config))
-  return t
+  return text_embedder.resolve_config(t)
 
 
 def example_batch(model_config: ml_collections.ConfigDict) -> dict:
@@ -105,4 +105,5 @@ KIND = ModelKind(
     name="two_tower", build=build_model, example_batch=example_batch, outputs=OUTPUTS,
     pretrained_source=lambda c: c.get("text_pretrained", ""),
     pretrained_params=lambda c: {"text_tower": text_embedder.pretrained_model_params(pretrained_text_config(c))},
-    tokenizer_source=lambda c: c.get("text_pretrained", ""))
+    tokenizer_source=lambda c: c.get("text_pretrained", ""),
+    announce=lambda c: text_embedder.announce_config(pretrained_text_config(c)) if c.get("text_pretrained") else None)

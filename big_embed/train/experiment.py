@@ -116,7 +116,7 @@ def check_task_types(config: ml_collections.ConfigDict) -> None:
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.ConfigDict, dict]:
   """Every check of the config before anything is built or compiled (of the data, only the prepared datasets'
-  features are read); returns (the config with `loss` resolved, the text tasks).
+  features are read); returns (the config with `loss` and `model` resolved, the text tasks).
 
   Raises:
     ConfigError (or another UserError): the first problem, in one line naming the field and the fix.
@@ -125,10 +125,10 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collection
   resolved = config.copy_and_resolve_references()
   resolved.unlock()
   resolved.loss = losses.resolve(config.loss)
+  resolved.model = models.resolve(config.model, announce=jax.process_index() == 0)
   resolved.lock()
   _check_train(resolved.train, mesh)
   sharding_lib.check_rules(resolved.sharding_rules, mesh)
-  models.kind_of(resolved.model)
   check_task_types(resolved)
   tasks = {}
   if resolved.data.get("tasks"):

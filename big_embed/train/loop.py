@@ -230,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode eval`: evaluates the newest checkpoint in `workdir` and writes eval_results.json.
 
-  With no checkpoint, a model with a pretrained checkpoint is evaluated as loaded (step 0).
+  The results are also appended to metrics.jsonl and the TensorBoard events at the checkpoint's step, as the
+  evaluation record a training run writes ("eval/<evaluator>/<metric>"). With no checkpoint, a model with a
+  pretrained checkpoint is evaluated as loaded (step 0).
   """
   exp = experiment_lib.build_experiment(config, workdir)
   step = exp.checkpointer.latest_step()
@@ -248,5 +250,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   finally:
     exp.checkpointer.close()
   path = _write_results(exp, step, results)
-  print(f"\nResults at step {step}:\n{format_results(results)}\nWritten to {path}", flush=True)
+  writer = metrics_lib.MetricWriter(exp.workdir)
+  try:
+    writer.write(step, metrics_lib.flatten(results, "eval"))
+  finally:
+    writer.close()
+  print(f"\nResults at step {step}:\n{format_results(results)}\nWritten to {path} (and metrics.jsonl, tensorboard/)",
+        flush=True)
   return results

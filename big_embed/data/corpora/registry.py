@@ -13,6 +13,8 @@ package imports every module (see `__init__.py`), so a new corpus is one new mod
                   the defaults of the text evaluators that can read it (None: that evaluator cannot):
                   (query field, doc field), (text field, ClassLabel field), (text field, Sequence(ClassLabel)
                   field), (text_a field, text_b field, score field)
+  negatives       the Text or Sequence(Text) field of each record's own hard negatives for its retrieval pair
+                  (None: none; a retrieval task with num_negatives > 0 then needs a mined set)
   image_text      for an image corpus: how the image-text training stream and its evaluators read it (`ImageText`)
 """
 
@@ -90,6 +92,7 @@ class Corpus:
   probe: tuple[str, str] | None = None
   multilabel: tuple[str, str] | None = None
   sts: tuple[str, str, str] | None = None
+  negatives: str | None = None
   image_text: ImageText | None = None
 
   def __post_init__(self):
@@ -109,6 +112,9 @@ class Corpus:
       for field, allowed in zip(getattr(self, evaluator) or (), kinds):
         if self.fields.get(field) not in allowed:
           raise ValueError(f"{where}: {evaluator} field {field!r} must be one of its fields of kind {allowed}")
+    if self.negatives is not None and (self.retrieval is None or self.fields.get(self.negatives) not in TEXT_KINDS):
+      raise ValueError(f"{where}: negatives field {self.negatives!r} must be one of its fields of kind {TEXT_KINDS}, "
+                       "next to a retrieval default")
     if (self.kind == "image") != (self.image_text is not None):
       raise ValueError(f"{where}: an image corpus needs image_text, a text corpus has none")
 
