@@ -27,12 +27,45 @@ from big_embed.errors import ConfigError
 
 
 def load_recipe(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Runs `get_config(arg)` of the recipe file at `path` (e.g. a sibling: `Path(__file__).with_name(...)`)."""
+  """Runs `get_config(arg)` of the recipe file at `path` (e.g. a sibling: `Path(__file__).with_name(...)`).
+
+  A recipe is input: whatever goes wrong in it is reported as the recipe's fault.
+
+  Raises:
+    ConfigError: one line naming the recipe (`--config PATH[:ARG]`): the file is missing or not a file, does not
+      load (a syntax error, a failing import, ...), has no `get_config`, `get_config` raises (a rejected `arg`) or
+      returns something other than a ConfigDict.
+  """
   path = pathlib.Path(path)
+  where = f"--config {path}" + (f":{arg}" if arg is not None else "")
+  if not path.is_file():
+    raise ConfigError(f"{where}: {'is not a file' if path.exists() else 'no such recipe file'}; pass a recipe, "
+                      "e.g. --config configs/quickstart.py")
   spec = importlib.util.spec_from_file_location(f"big_embed_recipe_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as err:
+    raise ConfigError(f"{where}: syntax error at line {err.lineno}: {err.msg}") from None
+  except Exception as err:  # pylint: disable=broad-except  (the recipe's own code failed while loading)
+    raise ConfigError(f"{where}: the recipe failed to load: {_one_line(err)}") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"{where}: the recipe defines no get_config(arg=None)")
+  try:
+    config = get_config(arg)
+  except ConfigError as err:  # e.g. a rejected recipe argument (`parse_arg`)
+    raise ConfigError(f"{where}: {err}") from None
+  except Exception as err:  # pylint: disable=broad-except  (the recipe's own code failed)
+    raise ConfigError(f"{where}: get_config raised {_one_line(err)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{where}: get_config returned {config!r:.80}, not an ml_collections.ConfigDict (start from "
+                      "config_utils.base_config(kind))")
+  return config
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:

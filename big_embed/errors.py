@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import warnings
 
 
 class UserError(Exception):
@@ -25,9 +27,16 @@ class TrainingError(UserError, RuntimeError):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-  """Runs the body; a `UserError` is printed as one `error: ...` line on stderr and the process exits with 1."""
+  """Runs the body; a `UserError` is printed as one `error: ...` line on stderr and the process exits with 1.
+
+  What fails again while the process shuts down after the error (e.g. a log writer's exit hook flushing to the
+  full disk the error is about) is the same problem, already reported: it is not printed.
+  """
   try:
     yield
   except UserError as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)  # one line, always
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    warnings.simplefilter("ignore")  # e.g. the unawaited coroutines of a failed background write
     sys.exit(1)

@@ -47,6 +47,9 @@ from big_embed.models import text_embedder
 from big_embed.models import two_tower
 from big_embed.parallel import mesh as mesh_lib
 
+# What every directory `export_text_model` writes holds: only such a directory is replaced by --overwrite.
+EXPORT_MARKERS = ("config.json", "model.safetensors", "tokenizer.json", st_modules.MODULES_FILE,
+                  st_modules.BERT_CONFIG_FILE)
 _SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                    "mask_token": "[MASK]"}
 
@@ -151,6 +154,23 @@ def _tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
           "special_tokens_map.json": special}
 
 
+def _check_output(out: pathlib.Path, overwrite: bool) -> None:
+  """Refuses an `out` that exists and is not empty, unless `overwrite` and it is a previous export (a directory, not
+  a symbolic link, holding every one of `EXPORT_MARKERS`): --overwrite never deletes anything else."""
+  if not out.name:
+    raise ConfigError(f"--output {out} is a filesystem root; give a directory to create (e.g. exported/)")
+  if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+    return
+  if not overwrite:
+    raise ConfigError(f"--output {out} exists and is not empty; choose a new directory or pass --overwrite")
+  missing = [] if out.is_dir() else list(EXPORT_MARKERS)
+  missing = missing or [m for m in EXPORT_MARKERS if not (out / m).is_file()]
+  if out.is_symlink() or missing:
+    why = "a symbolic link" if out.is_symlink() else f"not a previous export (it lacks {', '.join(missing)})"
+    raise ConfigError(f"--output {out} is {why}; --overwrite replaces only a directory this exporter wrote: choose "
+                      "a new directory")
+
+
 def export_text_model(model_config: ml_collections.ConfigDict, params: dict[str, Any], tokenizer: Tokenizer,
                       output: str | os.PathLike[str], *, overwrite: bool = False, note: str = "") -> pathlib.Path:
   """Writes the text model (`config.model`, its params as host arrays or jax.Arrays) into `output`.
@@ -159,12 +179,11 @@ def export_text_model(model_config: ml_collections.ConfigDict, params: dict[str,
     The output directory.
 
   Raises:
-    ConfigError: the model cannot be exported (see `text_side`), or `output` exists and is not empty (without
-      `overwrite`).
+    ConfigError: the model cannot be exported (see `text_side`); `output` exists and is not empty, and is not a
+      previous export or `overwrite` is off (`_check_output`).
   """
-  out = pathlib.Path(output).expanduser().absolute()
-  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-    raise ConfigError(f"--output {out} exists and is not empty; choose a new directory or pass --overwrite")
+  out = pathlib.Path(os.path.normpath(pathlib.Path(output).expanduser().absolute()))  # ".." resolved, links kept
+  _check_output(out, overwrite)
   params = jax.device_get(params)
   text_config, bert, dense = text_side(model_config, params)
   kw = text_embedder.bert_config(text_config, tokenizer.vocab_size)
@@ -219,5 +238,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
   flags.DEFINE_string("output", None, "The directory to write (new or empty).", required=True)
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
-  flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+  flags.DEFINE_bool("overwrite", False, "Replace --output if it is a previous export (nothing else).")
   app.run(main)

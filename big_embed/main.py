@@ -8,6 +8,8 @@ parameter bytes per device, without creating parameters; with `--cpu_devices N`,
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
 
 from absl import app
@@ -15,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from big_embed import config_schema
 from big_embed import config_utils
 from big_embed.errors import UserError, exit_on_user_error
 
@@ -29,21 +32,30 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: inde
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "If > 0, run on this many simulated CPU devices in this "
                                     "process (e.g. --mode compile of a pod config on a laptop).")
 flags.mark_flags_as_required(["workdir"])
+flags.register_validator("workdir", lambda path: path is None or bool(path.strip()),
+                         message="--workdir is empty; pass the run's directory, e.g. --workdir=runs/quickstart")
+flags.register_validator("workdir", lambda path: not path or not os.path.exists(path) or os.path.isdir(path),
+                         message="--workdir names a file, not a directory; pass the run's directory")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # `_parse_flags` rejects positional arguments
   # Imported here, not at the top: recipes load without JAX, so that a flag error is reported before the JAX
   # stack loads; and multi-process initialisation must come before anything touches a JAX backend.
   with exit_on_user_error():
+    config_schema.validate(flags.FLAGS.config)  # every field's type and range, before JAX starts
     from big_embed.parallel import multihost  # pylint: disable=g-import-not-at-top
     if _CPU_DEVICES.value > 0:  # the simulated devices are the devices, also on a machine with accelerators
       import jax  # pylint: disable=g-import-not-at-top
       jax.config.update("jax_platforms", "cpu")
-    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value,
+                         flags.FLAGS.config.distributed)
     from big_embed.train import loop  # pylint: disable=g-import-not-at-top
-    logging.set_verbosity(logging.ERROR)  # TFDS and Orbax are chatty at INFO/WARNING
+    # TFDS and Orbax are chatty at INFO/WARNING, and a failed background save is logged with its traceback
+    # from several threads before big_embed reports it in one line: their logs stay quiet.
+    logging.set_verbosity(logging.FATAL)
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    sys.unraisablehook = _quiet_async_leftovers
     if _MODE.value == "train":
       loop.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
     elif _MODE.value == "compile":
@@ -51,6 +63,19 @@ def main(argv):
       compile_only.compile_train_step(flags.FLAGS.config, _WORKDIR.value)
     else:
       loop.evaluate_checkpoint(flags.FLAGS.config, _WORKDIR.value)
+
+
+def _quiet_async_leftovers(unraisable) -> None:
+  """The callbacks of a failed background write that find Orbax's event loop closed are dropped (their failure is
+  reported once, as the run's error line); any other unraisable exception is printed as usual."""
+  frames = []
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  if any(f"{os.sep}asyncio{os.sep}" in f or f"{os.sep}orbax{os.sep}" in f for f in frames):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _recipe_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -66,41 +91,41 @@ def _recipe_flag(argv: list[str]) -> tuple[str | None, list[str]]:
 def _define_config_flag(argv: list[str]) -> list[str]:
   """Defines --config; returns the argv to parse.
 
-  A recipe's `config.loss` holds the fields the recipe sets (the loss fills in its defaults when the run starts),
-  so an override of another loss field (`--config.loss.tile_size=4096`) needs the loss's whole field list: then
-  the recipe is loaded here with its loss resolved (importing the loss library, and JAX), and --config is that
-  config. Otherwise the recipe loads lazily, without JAX, and flag errors come at once.
+  The recipe is loaded here (`config_utils.load_recipe`: whatever fails in it is one ConfigError naming it), and
+  --config is its config. A recipe's `config.loss` holds the fields the recipe sets (the loss fills in its defaults
+  when the run starts), so an override of another loss field (`--config.loss.tile_size=4096`) needs the loss's
+  whole field list: then the loss is resolved here too (importing the loss library, and JAX). Otherwise no JAX
+  loads, and flag errors come at once. Without --config, absl reports the missing flag.
   """
   recipe, rest = _recipe_flag(argv)
-  if recipe is not None and any(a.startswith("--config.loss.") for a in rest):
+  if recipe is None:
+    config_flags.DEFINE_config_file("config", None, _CONFIG_HELP, lock_config=True)
+    flags.mark_flag_as_required("config")
+    return argv
+  path, _, recipe_arg = recipe.partition(":")
+  config = config_utils.load_recipe(path, recipe_arg or None)
+  if any(a.startswith("--config.loss.") for a in rest):
     from big_embed import losses  # pylint: disable=g-import-not-at-top  (JAX only when a loss field is set)
-    path, _, recipe_arg = recipe.partition(":")
-    config = config_utils.load_recipe(path, recipe_arg or None)
     config.loss = losses.resolve(config.loss)
-    config_flags.DEFINE_config_dict("config", config, _CONFIG_HELP, lock_config=True, sys_argv=rest)
-    return rest
-  config_flags.DEFINE_config_file("config", None, _CONFIG_HELP, lock_config=True)
-  flags.mark_flag_as_required("config")
-  return argv
+  config_flags.DEFINE_config_dict("config", config, _CONFIG_HELP, lock_config=True, sys_argv=rest)
+  return rest
 
 
 def _parse_flags(argv):
-  """absl flag parsing, with config typos and bad values reported as one line instead of a traceback."""
+  """absl flag parsing; a bad flag, recipe, override or positional argument is one `error:` line (exit 2)."""
   try:
     rest = flags.FLAGS(_define_config_flag(argv))
-    flags.FLAGS.config.keys()  # a recipe that failed to load raises on first use: make that now
-    return rest
-  except flags.Error as err:
+    if len(rest) <= 1:
+      return rest
+    message = f"unexpected arguments: {' '.join(rest[1:])}; every setting is a --flag or a --config.<field>"
+  except flags.Error as err:  # an unknown flag or enum value, a missing or empty required flag, a bad override
     message = str(err)
-    if "Traceback" in message:  # the recipe raised: its exception (the traceback's last line) is the message
-      last = message.strip().splitlines()[-1]
-      message = f"--config: {last.split(': ', 1)[-1] if last.split(':', 1)[0].endswith('Error') else last}"
-  except UserError as err:  # a recipe argument or a loss field, checked while the recipe loads
+  except UserError as err:  # the recipe (`config_utils.load_recipe`) or a loss field
     message = str(err)
   except (AttributeError, KeyError) as err:  # ml_collections: an override names a field the config lacks
     message = "unknown config field " + str(err).strip("'\"").replace("\\n", " ")
-  except Exception as err:  # pylint: disable=broad-except  (errors raised while loading the config file)
-    message = f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err).splitlines()[-1].strip()
+  except (TypeError, ValueError) as err:  # ml_collections: an override's value does not parse as the field's type
+    message = f"{type(err).__name__}: {err}"
   message = " ".join(message.replace("\\'", "'").split())
   print(f"error: {message} (see --helpfull for flags; config fields live in the --config file)",
         file=sys.stderr, flush=True)

@@ -126,6 +126,11 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   if not model:
     raise ConfigError("pass --model (a run's workdir or 'minilm'): config.model.pretrained is empty")
   data_dir = paths.resolve_data_dir(config.data.get("data_dir") or None)
+  # Checked before anything is read or embedded: the name becomes <data_dir>/mined/<name>.
+  default_name = f"{task_name}_{pathlib.Path(str(model)).expanduser().name or 'model'}"
+  out = mined_negatives.check_target(mined_negatives.mined_dir(
+      data_dir, name or default_name, "--name" if name else "the default --name <task>_<model> (pass --name)"))
+  name = out.name
   records = sources.read_all(task.dataset, data_dir, task.split)
   num_records = len(records)
   if task.max_records:  # the task's subset: its first max_records records
@@ -155,8 +160,6 @@ def mine(config, task_name: str, model: str, name: str, *, top_k: int, num_negat
   neg_records[:len(neg)] = np.where(neg >= 0, corpus_records[np.maximum(neg, 0)], -1)
   padded_scores = np.zeros((num_records, num_negatives), np.float32)
   padded_scores[:len(neg)] = neg_scores
-  name = name or f"{task_name}_{pathlib.Path(str(model)).expanduser().name or 'model'}"
-  out = mined_negatives.mined_dir(data_dir, name)
   meta = {"command": command, "task": task_name, "model": str(model), "model_step": encoder.step,
           "top_k": top_k, "num_negatives": num_negatives, "margin_abs": margin_abs, "margin_rel": margin_rel,
           "dropped": stats, "positive_rank1": float(np.mean(cand_docs[:, 0] == positive))}

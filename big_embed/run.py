@@ -94,34 +94,49 @@ class Run:
 
 
 def restore_run(workdir: str | os.PathLike[str], mesh, step: int | None = None) -> Run:
-  """The newest (or `step`) checkpoint of the run in `workdir`, its model's params restored onto `mesh`.
+  """The newest intact (or the given `step`'s) checkpoint of the run in `workdir`, its model's params verified
+  and restored onto `mesh`. A damaged newer checkpoint is reported in one warning line and skipped.
 
   Raises:
     ConfigError: no checkpoint, no tokenizer.json, or no such step.
+    CheckpointError: checkpoint `step` is damaged, or (without `step`) none is intact.
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
   no_checkpoint = ConfigError(f"{workdir} holds no checkpoint; train a model there first (python -m "
                               f"big_embed.main --config ... --workdir {workdir})")
   if not is_run(workdir):
     raise no_checkpoint
+  tok_path = workdir / TOKENIZER_FILE
+  if not tok_path.is_file():
+    raise ConfigError(f"{tok_path} is missing; it is written when a run starts, so {workdir} is not a complete "
+                      "big_embed run")
+  tokenizer = Tokenizer.from_file(str(tok_path))
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir(workdir), async_save=False, create=False)
-  try:
-    step = checkpointer.latest_step() if step is None else int(step)
-    if step is None:
-      raise no_checkpoint
-    if step not in checkpointer.all_steps():
-      raise ConfigError(f"{workdir} has no checkpoint at step {step}; its steps: {checkpointer.all_steps()}")
-    tok_path = workdir / TOKENIZER_FILE
-    if not tok_path.is_file():
-      raise ConfigError(f"{tok_path} is missing; it is written when a run starts, so {workdir} is not a complete "
-                        "big_embed run")
-    config = ml_collections.ConfigDict(checkpointer.restore_meta(step)["config"])
-    tokenizer = Tokenizer.from_file(str(tok_path))
+
+  def restore(at: int) -> tuple[ml_collections.ConfigDict, nn.Module, Any]:
+    config = ml_collections.ConfigDict(checkpointer.restore_meta(at)["config"])
     kind = models.kind_of(config.model)
     model = kind.build(config.model, tokenizer.vocab_size)
     rules = config.get("sharding_rules", config_schema.SHARDING_RULES)
     abstract, shardings = model_shardings(model, kind.example_batch(config.model), mesh, rules)
-    params = checkpointer.restore_params(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
+    params, _ = checkpointer.restore_params(at, ckpt_lib.abstract_with_shardings(abstract, shardings))
+    return config, model, params
+
+  try:
+    if step is None:
+      found = checkpointer.restore_newest_intact(restore, move_damaged=False)
+      if found is None:
+        raise no_checkpoint
+      step, (config, model, params) = found
+    else:
+      step = int(step)
+      if step not in checkpointer.step_dirs():
+        raise ConfigError(f"{workdir} has no checkpoint at step {step}; its steps: {checkpointer.step_dirs()}")
+      try:
+        config, model, params = restore(step)
+      except ckpt_lib.DamagedCheckpoint as err:
+        raise ckpt_lib.CheckpointError(f"the checkpoint of step {step} in {checkpointer.directory} is damaged "
+                                       f"({err.reason}); omit the step to read the newest intact checkpoint")
   finally:
     checkpointer.close()
   return Run(workdir=workdir, step=step, config=config, tokenizer=tokenizer, model=model, params=params)

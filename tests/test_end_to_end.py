@@ -1,4 +1,4 @@
-"""End-to-end runs of `python -m big_embed.main` in subprocesses: train, eval, SIGKILL/SIGTERM resume, bad input."""
+"""End-to-end runs of `python -m big_embed.main` in subprocesses: train, eval, SIGTERM stop, bad input."""
 
 import json
 import os
@@ -8,15 +8,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import portpicker
 import pytest
 
-from big_embed import checkpoint as ckpt_lib
 from big_embed import run as run_lib
 from big_embed.parallel import mesh as mesh_lib
-from big_embed.train import experiment
 from tests import tiny
 
 pytestmark = pytest.mark.slow
@@ -35,16 +32,6 @@ def _run(*args, **kwargs):
 def _checkpoint_steps(workdir) -> list[int]:
   d = pathlib.Path(workdir) / "checkpoints"
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
-def _final_params(workdir, data_dir, steps):
-  cfg = tiny.tiny_config(data_dir, steps=steps)
-  exp = experiment.build_experiment(cfg, str(workdir))
-  abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-  state, meta = exp.checkpointer.restore(steps, abstract)
-  exp.checkpointer.close()
-  assert meta["step"] == steps
-  return jax.device_get(state.params)
 
 
 STEPS = ("--config.train.steps=60", "--config.train.checkpoint_every=10", "--config.train.eval_every=60")
@@ -78,27 +65,6 @@ def test_run_writes_results_checkpoint_and_logs(uninterrupted, data_dir):
   for name in ("fashion_mnist", "emoji"):
     for k, v in results[name].items():
       assert again[name][k] == pytest.approx(v, abs=1e-6), (name, k)
-
-
-def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(uninterrupted, tmp_path, data_dir):
-  ref_dir, _ = uninterrupted
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_command(workdir, data_dir, *STEPS), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, cwd=tiny.ROOT)
-  deadline = time.time() + 300
-  while not _checkpoint_steps(workdir) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = _checkpoint_steps(workdir)
-  assert killed_at and killed_at[-1] < 60, f"the run was not killed mid-way: checkpoints {killed_at}"
-
-  resumed = _run(workdir, data_dir, *STEPS)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from the checkpoint at step" in resumed.stdout
-  got, want = _final_params(workdir, data_dir, 60), _final_params(ref_dir, data_dir, 60)
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):

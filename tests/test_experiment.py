@@ -62,9 +62,9 @@ def test_check_config_resolves_the_loss_and_checks_the_mesh():
   assert "tile_size" not in c.loss  # the caller's config is not changed
   for field, value, message in [
       ("batch_size", 12, r"config\.train\.batch_size=12 is not divisible by the 8 data-parallel shards"),
-      ("steps", 0, r"config\.train\.steps must be > 0"),
-      ("learning_rate", -1.0, r"config\.train\.learning_rate must be > 0"),
-      ("embed_chunk_size", -4, r"config\.train\.embed_chunk_size must be an int >= 0"),
+      ("steps", 0, r"config\.train\.steps must be an integer >= 1, got 0"),
+      ("learning_rate", -1.0, r"config\.train\.learning_rate must be a finite number > 0, got -1\.0"),
+      ("embed_chunk_size", -4, r"config\.train\.embed_chunk_size must be an integer >= 0, got -4"),
   ]:
     bad = tiny.recipe("quickstart", "tiny")
     bad.train[field] = value

@@ -1,6 +1,7 @@
-"""Training that cannot go on: a loss that becomes NaN for real (exit 1, one `error:` line, the checkpoints before it
-kept and readable), and the teacher's error paths (no checkpoint, another tokenizer, an output the teacher's model
-does not return), each reported before any step runs."""
+"""Training that cannot go on: a loss that becomes NaN for real, or updates that overflow (the steps skipped, then
+exit 1 with one `error:` line, the checkpoints before it kept, readable and finite), and the teacher's error paths
+(no checkpoint, another tokenizer, an output the teacher's model does not return), each reported before any step
+runs."""
 
 from __future__ import annotations
 
@@ -54,44 +55,62 @@ def _mesh():
 
 
 # ------------------------------------------------------------------------------------------------
-# The NaN stop.
+# The NaN stop: non-finite steps are skipped in the step (the parameters unchanged), max_bad_steps in a row stop.
 
-# AdamW at 1e30 blows the parameters up within two updates: the forward pass overflows and the loss becomes NaN
-# a few steps in. A checkpoint every step, all kept, so that every checkpoint written before the NaN is checked.
-SCHEDULE = ("--config.train.steps=8", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10")
+# A checkpoint every step, all kept, so that every checkpoint written before the stop is checked; the stop after 3
+# consecutive skipped steps.
+SCHEDULE = ("--config.train.steps=8", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10",
+            "--config.train.max_bad_steps=3")
+STOP = (r"error: (the loss or the gradient norm|the update \(the new parameters or optimizer state\)) was not finite "
+        r"at step (\d+) \(([^()]*)\), the last of 3 consecutive skipped steps \(config\.train\.max_bad_steps=3; "
+        r"the parameters are those of step (\d+)\); lower config\.train\.learning_rate \(now \S+\) or "
+        r"config\.train\.grad_clip_norm \(now \S+\) and rerun; a rerun resumes from the checkpoint of step (\d+) "
+        r"in (\S+)")
 
 
-@pytest.fixture(scope="module")
-def diverged(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp("diverged")
-  return workdir, _main("configs/quickstart.py:tiny", workdir, data_dir, "--config.train.learning_rate=1e30",
-                        *SCHEDULE)
-
-
-def test_nan_loss_stops_with_one_error_line_and_keeps_the_checkpoints(diverged):
-  workdir, proc = diverged
+def _stopped(workdir, proc) -> tuple[re.Match, dict]:
+  """(the stop line's match, {step: metrics.jsonl train record}); every checkpoint before the stop is kept (none
+  deleted), complete, readable and finite."""
   line = _error_line(proc)
-  m = re.fullmatch(r"error: the loss became (nan|inf|-inf) at step (\d+); lower config\.train\.learning_rate .*"
-                   r"the last good checkpoint \(step (\d+)\) in (\S+) is kept", line)
-  assert m, line
-  bad, good = int(m[2]), int(m[3])
-  assert 1 <= good < bad < 8 and m[4] == str(run_lib.checkpoint_dir(workdir)), line
-  steps = _checkpoint_steps(workdir)
-  assert set(range(1, good + 1)) <= set(steps) and max(steps) < bad, (steps, line)  # nothing at or after the NaN
-  for step in steps:  # each one complete and readable, its parameters finite
+  m = re.fullmatch(STOP, line)
+  assert m and m[6] == str(run_lib.checkpoint_dir(workdir)), line
+  stop, good = int(m[2]), int(m[4])
+  assert stop - good == 3 and _checkpoint_steps(workdir) == list(range(1, stop)) and int(m[5]) == stop - 1, line
+  for step in range(1, stop):
     params = jax.device_get(run_lib.restore_run(workdir, _mesh(), step).params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
-  # The NaN happened for real: every loss logged before it is finite, and none was logged from that step on.
   logged = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  losses = {r["step"]: r["train/loss"] for r in logged if "train/loss" in r}
-  assert sorted(losses) == list(range(1, bad)) and all(np.isfinite(v) for v in losses.values()), losses
+  records = {r["step"]: r for r in logged if "train/loss" in r}
+  assert sorted(records) == list(range(1, stop)), sorted(records)  # the stop comes before its step's record
+  assert {s: r["train/skipped_steps"] for s, r in records.items()} == {s: float(s > good) for s in records}
+  return m, records
 
 
-def test_rerun_with_a_lower_learning_rate_gets_past_the_nan(diverged, tmp_path, data_dir):
+def test_a_diverging_run_skips_the_nan_steps_then_stops_with_one_error_line(tmp_path, data_dir):
+  """AdamW at 1e30 (after the warmup's first step at learning rate 0) moves the parameters to ~5e29, finite: that
+  update is applied; from them the forward pass overflows and the loss is NaN at every later step: skipped, 3 in
+  a row stop the run. Nothing is deleted: the last checkpoints hold the last applied update's parameters."""
   workdir = tmp_path / "diverged"
-  shutil.copytree(diverged[0], workdir)
+  proc = _main("configs/quickstart.py:tiny", workdir, data_dir, "--config.train.learning_rate=1e30", *SCHEDULE)
+  m, records = _stopped(workdir, proc)
+  assert m[1] == "the loss or the gradient norm" and "loss=nan" in m[3], m[0]
+  good = int(m[4])
+  assert good >= 2 and all(np.isfinite(records[s]["train/loss"]) for s in range(1, good + 1)), records
+  assert all(records[s]["train/loss"] == "nan" for s in range(good + 1, int(m[2]))), records  # the NaN is real
+
+
+def test_an_overflowing_update_is_skipped_and_a_rerun_with_a_lower_learning_rate_gets_past_it(tmp_path, data_dir):
+  """1e39 is inf in float32: every update is non-finite while the loss and gradient stay finite, so no update is
+  applied and every checkpoint holds the initial parameters; rerunning with a sane learning rate resumes and
+  finishes."""
+  workdir = tmp_path / "overflow"
+  proc = _main("configs/quickstart.py:tiny", workdir, data_dir, "--config.train.learning_rate=1e39", *SCHEDULE)
+  m, records = _stopped(workdir, proc)
+  assert m[1].startswith("the update") and "loss=nan" not in m[3] and int(m[4]) == 0, m[0]
+  assert all(np.isfinite(r["train/loss"]) for r in records.values()), records
   proc = _main("configs/quickstart.py:tiny", workdir, data_dir, "--config.train.learning_rate=1e-3", *SCHEDULE)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"Resumed from the checkpoint at step {int(m[5])}" in proc.stdout, proc.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,9 +46,16 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike[str] | None, *,
 
 def write_dataset(name: str, builder: tfds.core.GeneratorBasedBuilder, target: pathlib.Path) -> None:
   """Writes `builder`'s dataset (array_record, no statistics) into `target`, its `<data_dir>/<name>/<version>`,
-  after removing a previous build there (or an interrupted one: TFDS writes into `incomplete.*` first)."""
+  after removing a previous build there (or an interrupted one: TFDS writes into `incomplete.*` first).
+
+  Raises:
+    ConfigError: `name` is not a plain directory name, or a previous build to remove is a symbolic link or
+      resolves outside `<data_dir>` (nothing is removed then). TFDS never fetches from its GCS mirror here.
+  """
+  paths.check_name(target.parent.name, "the dataset name")
   for stale in [target, *target.parent.glob(f"incomplete.*_{target.name}")]:
-    if stale.exists():
+    if stale.exists() or stale.is_symlink():
+      paths.check_inside(stale, target.parent.parent, f"the previous build of {name}")
       print(f"{name}: removing {stale}", flush=True)
       shutil.rmtree(stale)
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +63,7 @@ def write_dataset(name: str, builder: tfds.core.GeneratorBasedBuilder, target: p
     builder.download_and_prepare(
         download_dir=downloads,
         download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+            compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False))
 
 
 def _training_texts(data_dir: pathlib.Path) -> Iterator[str]:

@@ -19,15 +19,48 @@ import numpy as np
 
 from big_embed.data import paths
 from big_embed.data.errors import DataError
+from big_embed.errors import ConfigError
 
 MINED_DIR = "mined"
 MINED_FORMAT = "big_embed.mined_negatives"
 MINED_VERSION = 1
 
 
-def mined_dir(data_dir: str | os.PathLike[str] | None, name: str) -> pathlib.Path:
-  """`<data_dir>/mined/<name>`: where the mined hard-negative set `name` lives."""
-  return paths.resolve_data_dir(data_dir) / MINED_DIR / name
+def mined_dir(data_dir: str | os.PathLike[str] | None, name: str, what: str = "mined set name") -> pathlib.Path:
+  """`<data_dir>/mined/<name>`: where the mined hard-negative set `name` lives.
+
+  Raises:
+    ConfigError: `name` is not a plain directory name (`paths.check_name`; `what` is how the user gave it).
+  """
+  return paths.resolve_data_dir(data_dir) / MINED_DIR / paths.check_name(name, what)
+
+
+def _is_mined_set(directory: pathlib.Path) -> bool:
+  """Whether `directory` holds a set `write_mined_negatives` wrote (its meta.json names the format)."""
+  try:
+    return json.loads((directory / "meta.json").read_text(encoding="utf-8")).get("format") == MINED_FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def check_target(directory: str | os.PathLike[str]) -> pathlib.Path:
+  """Returns `directory` (absolute) if `write_mined_negatives` may write there: it is `<store>/mined/<plain name>`
+  and holds nothing or a mined set (which is replaced).
+
+  Raises:
+    ConfigError: another path, or something other than a mined set is there (a directory without a mined set's
+      meta.json, a file, a symbolic link).
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.parent.name != MINED_DIR:
+    raise ConfigError(f"a mined hard-negative set is written to <data_dir>/{MINED_DIR}/<name>, not {directory}")
+  paths.check_name(directory.name, "the mined set name")
+  if directory.is_symlink() or directory.exists():
+    paths.check_inside(directory, directory.parent, "the mined set")
+    if not directory.is_dir() or not _is_mined_set(directory):
+      raise ConfigError(f"refusing to replace {directory}: it is not a mined hard-negative set (no meta.json of "
+                        f"format {MINED_FORMAT!r}); choose another name or move it away yourself")
+  return directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +78,11 @@ def write_mined_negatives(directory: str | os.PathLike[str], *, source_dataset: 
 
   Layout: `negatives.npy` int64 [Nq, H], `scores.npy` float32 [Nq, H], `meta.json`. Row i belongs to record i
   of `split` of `source_dataset` (before any filtering); its entries are record indices of the same split,
-  -1 = none. An existing set at `directory` is replaced.
+  -1 = none. An existing set at `directory` is replaced; anything else there (a directory that is not a mined set,
+  a file, a symbolic link) is refused, so that nothing outside the store of mined sets is ever deleted.
 
   Args:
-    directory: usually `mined_dir(data_dir, name)`.
+    directory: `<store>/mined/<name>`, usually `mined_dir(data_dir, name)`.
     source_dataset, split: the dataset CLI name and split the indices refer to (Nq = its record count).
     query_field, doc_field: the record fields the queries and documents were mined with.
     negatives: int [Nq, H]; scores: float [Nq, H] (e.g. the miner's similarities; NaN where -1).
@@ -59,9 +93,10 @@ def write_mined_negatives(directory: str | os.PathLike[str], *, source_dataset: 
     The directory.
 
   Raises:
+    ConfigError: as `check_target`.
     ValueError: bad shapes, dtypes or indices, or `meta` is not JSON-serialisable.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = check_target(directory)
   negatives = np.asarray(negatives)
   scores = np.asarray(scores)
   if negatives.ndim != 2 or negatives.dtype.kind not in "iu":
@@ -111,8 +146,8 @@ def read_mined_negatives(directory: str | os.PathLike[str]) -> MinedNegatives:
                     "hard-negative mining command, or set the task's num_negatives=0 and mined=''")
   try:
     info = json.loads(meta_path.read_text(encoding="utf-8"))
-    negatives = np.load(directory / "negatives.npy")
-    scores = np.load(directory / "scores.npy")
+    negatives = np.load(directory / "negatives.npy", allow_pickle=False)
+    scores = np.load(directory / "scores.npy", allow_pickle=False)
   except (OSError, ValueError) as e:
     raise DataError(f"Corrupt mined hard-negative set {directory} ({type(e).__name__}: {e}); mine it again") from e
   if info.get("format") != MINED_FORMAT or info.get("version") != MINED_VERSION:

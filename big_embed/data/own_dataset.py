@@ -104,7 +104,8 @@ def make_builder(name: str, splits: dict[str, list[dict[str, Any]]], roles: tupl
 
 
 def _check_flags(name: str, data_dir: pathlib.Path, test_percent: int, image_size: int) -> None:
-  if not _NAME.fullmatch(name or ""):
+  paths.check_name(name, "--name")  # the dataset's directory <data_dir>/<name>
+  if not _NAME.fullmatch(name):
     raise ConfigError(f"--name={name!r} must be a lower-case identifier (letters, digits, _; e.g. my_docs): it is "
                       "the dataset's directory and its name in configs")
   reserved = {found_datasets.MINED_DIR, *corpora.names(), *(c.builder.name for c in corpora.entries())}
@@ -204,7 +205,7 @@ def prepare_files(name: str, train: str | os.PathLike[str], test: str | os.PathL
   counts = {split: len(sources.open_split(name, data_dir, split)) for split in splits}
   if read.kind == "text":
     tok = tokenizer.train_tokenizer(_training_texts(splits["train"]), vocab_size=vocab_size)
-    path = tokenizer.save_atomically(tok, tokenizer.dataset_tokenizer_path(data_dir, name))
+    path = tokenizer.save_atomically(tok, tokenizer.dataset_tokenizer_path(data_dir, name, "--name"))
     print(f"{name}: tokenizer with a vocabulary of {tok.vocab_size} -> {path} (a text model reads it with "
           f"config.model.tokenizer = {name!r})", flush=True)
   else:

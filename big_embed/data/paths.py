@@ -1,17 +1,85 @@
-"""Where prepared datasets and the tokenizer live.
+"""Where prepared datasets and the tokenizer live, and the checks on names and paths inside them.
 
 Resolution order of the data directory: explicit value > `$BIG_EMBED_DATA_DIR` >
 `~/.cache/big_embed/datasets`.
+
+A name that becomes a directory (a dataset, a mined set, a tokenizer's dataset) passes `check_name` where it is
+joined onto its directory; what a store deletes or replaces passes `check_inside` (the resolved path lies inside
+the store's own folder).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
+
+from big_embed.errors import ConfigError
 
 ENV_VAR = "BIG_EMBED_DATA_DIR"
 DEFAULT_DATA_DIR = pathlib.Path("~/.cache/big_embed/datasets")
 TOKENIZER_FILENAME = "tokenizer.json"
+MAX_NAME_LENGTH = 100
+_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+NAME_RULE = (f"letters, digits, '.', '_' and '-', not starting with '.' or '-', at most {MAX_NAME_LENGTH} "
+             "characters")
+
+
+def check_name(name: str, what: str) -> str:
+  """Returns `name` if it is safe as one directory name, else raises.
+
+  Args:
+    name: the value, e.g. a flag's or a config field's.
+    what: how the user gave it, e.g. "--name" or "config.data.tasks.defs.mined".
+
+  Raises:
+    ConfigError: `name` is not a str, is empty, "." or "..", holds a path separator, NUL, a control character or
+      a character outside [A-Za-z0-9._-], starts with "." or "-", or is longer than MAX_NAME_LENGTH; one line
+      naming `what`, the value and the rule.
+  """
+  if not isinstance(name, str):
+    problem = f"is not a string ({type(name).__name__})"
+  elif not name:
+    problem = "is empty"
+  elif name in (".", ".."):
+    problem = "names a directory itself"
+  elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+    problem = "holds a path separator"
+  elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+    problem = "holds a NUL or control character"
+  elif not _NAME_CHARS.fullmatch(name):
+    problem = f"holds {sorted(set(_NAME_CHARS.sub('', name)))[0]!r}"
+  elif name[0] in ".-":
+    problem = f"starts with {name[0]!r}"
+  elif len(name) > MAX_NAME_LENGTH:
+    problem = f"has {len(name)} characters"
+  else:
+    return name
+  shown = name if not isinstance(name, str) or len(name) <= 60 else name[:40] + "..."
+  raise ConfigError(f"{what}={shown!r} {problem}; a name that becomes a directory must be plain: {NAME_RULE}")
+
+
+def check_inside(path: str | os.PathLike[str], store: str | os.PathLike[str], what: str) -> pathlib.Path:
+  """Returns `path` resolved if it lies strictly inside `store` (both resolved, symbolic links followed) and is
+  not itself a symbolic link; else raises. Whatever a store deletes or replaces passes this first.
+
+  Args:
+    path: what is about to be deleted or replaced.
+    store: the folder it must lie in (e.g. `<data_dir>/mined`).
+    what: what `path` is, for the message (e.g. "the mined set to replace").
+
+  Raises:
+    ConfigError: `path` is a symbolic link or lies outside `store`.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  root = pathlib.Path(store).expanduser().resolve()
+  if path.is_symlink():
+    raise ConfigError(f"refusing to replace {what} {path}: it is a symbolic link (to {path.resolve()}); remove the "
+                      "link yourself")
+  resolved = path.resolve()
+  if resolved == root or root not in resolved.parents:
+    raise ConfigError(f"refusing to replace {what} {path}: it resolves to {resolved}, outside {root}")
+  return resolved
 
 
 def resolve_data_dir(flag_value: str | os.PathLike[str] | None) -> pathlib.Path:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,8 +131,8 @@ def _negatives(task: Any, task_type: str, where: str) -> tuple[int, str]:
                       "set it to 0")
   if mined and task_type != "retrieval":
     raise ConfigError(f"{where}.mined={mined!r}, but only retrieval tasks read mined hard negatives; set it to ''")
-  if mined and (mined in (".", "..") or "/" in mined or os.sep in mined):
-    raise ConfigError(f"{where}.mined={mined!r} must be a plain directory name under <data_dir>/{MINED_DIR}/")
+  if mined:
+    paths.check_name(mined, f"{where}.mined")
   return num_negatives, mined
 
 

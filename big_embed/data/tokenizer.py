@@ -114,9 +114,14 @@ def save_atomically(tok: Tokenizer, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def dataset_tokenizer_path(data_dir: str | os.PathLike[str] | None, name: str) -> pathlib.Path:
-  """`<data_dir>/<name>/tokenizer.json`: the tokenizer `prepare files` trains for text dataset `name`."""
-  return paths.resolve_data_dir(data_dir) / name / paths.TOKENIZER_FILENAME
+def dataset_tokenizer_path(data_dir: str | os.PathLike[str] | None, name: str,
+                           what: str = "config.model.tokenizer") -> pathlib.Path:
+  """`<data_dir>/<name>/tokenizer.json`: the tokenizer `prepare files` trains for text dataset `name`.
+
+  Raises:
+    ConfigError: `name` is not a plain directory name (`paths.check_name`; `what` is how the user gave it).
+  """
+  return paths.resolve_data_dir(data_dir) / paths.check_name(name, what) / paths.TOKENIZER_FILENAME
 
 
 def load_tokenizer(data_dir: str | os.PathLike[str] | None) -> Tokenizer:

@@ -7,11 +7,32 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import auto as tqdm
 
+from big_embed.errors import TrainingError
 from big_embed.parallel import mesh as mesh_lib
 
 
+class NonFiniteEmbeddings(TrainingError):
+  """Embeddings with NaN or inf values: every metric of them is meaningless (NaN scores compare false, so NaN
+  embeddings would otherwise score 100 % recall)."""
+
+
+def check_finite(emb: np.ndarray, what: str) -> np.ndarray:
+  """`emb` [N, D] unchanged if every value is finite.
+
+  Raises:
+    NonFiniteEmbeddings: naming `what` ("images", "texts") and how many of the N rows hold NaN or inf.
+  """
+  bad = int(np.count_nonzero(~np.isfinite(emb).all(axis=tuple(range(1, emb.ndim)))))
+  if bad:
+    raise NonFiniteEmbeddings(f"{bad} of {len(emb)} {what} embed to non-finite values (NaN or inf): the parameters "
+                              "evaluated give no usable embeddings (a diverged run; see train/loss in metrics.jsonl)")
+  return emb
+
+
 class Encoder:
-  """Embeds NumPy inputs in fixed-size global batches sharded over the mesh's batch axes."""
+  """Embeds NumPy inputs in fixed-size global batches sharded over the mesh's batch axes; every embedding that
+  evaluation uses comes from here, so non-finite ones are rejected here, once (`check_finite`, on the host copy
+  the outputs are gathered into anyway)."""
 
   def __init__(self, model, mesh, batch_size: int, text_method: str = "encode_text"):
     """`text_method`: the model's method that embeds tokens ("features": a text model's embeddings before
@@ -23,7 +44,7 @@ class Encoder:
     self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"), out_shardings=out)
     self._text = jax.jit(lambda p, x: model.apply({"params": p}, x, method=text_method), out_shardings=out)
 
-  def _run(self, fn, params, inputs: np.ndarray, desc: str | None) -> np.ndarray:
+  def _run(self, fn, params, inputs: np.ndarray, desc: str | None, what: str) -> np.ndarray:
     n = len(inputs)
     b = self.batch_size
     p_count, p_index = jax.process_count(), jax.process_index()
@@ -41,13 +62,15 @@ class Encoder:
       x = jax.make_array_from_process_local_data(sharding, local)
       y = fn(params, x)
       outs.append(multihost_utils.process_allgather(y, tiled=True) if p_count > 1 else np.asarray(y))
-    return np.concatenate(outs)[:n]
+    return check_finite(np.concatenate(outs)[:n], what)
 
   def images(self, params, images: np.ndarray, desc: str | None = None) -> np.ndarray:
-    return self._run(self._image, params, images, desc)
+    """float32 [N, D] embeddings of `images` [N, H, W, 3]; NonFiniteEmbeddings if any is NaN or inf."""
+    return self._run(self._image, params, images, desc, "images")
 
   def texts(self, params, tokens: np.ndarray, desc: str | None = None) -> np.ndarray:
-    return self._run(self._text, params, tokens, desc)
+    """float32 [N, D] embeddings of `tokens` [N, L]; NonFiniteEmbeddings if any is NaN or inf."""
+    return self._run(self._text, params, tokens, desc, "texts")
 
 
 class TextEncoding:

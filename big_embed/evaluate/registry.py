@@ -13,7 +13,7 @@ from typing import Any, Callable
 import ml_collections
 
 from big_embed.errors import ConfigError
-from big_embed.evaluate.encode import Encoder
+from big_embed.evaluate.encode import Encoder, NonFiniteEmbeddings
 
 
 @dataclasses.dataclass
@@ -40,6 +40,35 @@ def register(name: str):
   return wrap
 
 
+# The settings each image evaluator reads (`type` aside); a text evaluator checks its own (text_evals._Settings).
+IMAGE_SETTINGS = {"retrieval": ("dataset", "split"), "zero_shot": ("dataset", "split", "templates")}
+
+
+def check_settings(evals: ml_collections.ConfigDict) -> None:
+  """Checks what needs no data, before anything compiles: every evaluator's type is registered, and an image
+  evaluator's settings are those it reads (an ignored key is an error), with `dataset` and `split` names.
+
+  Raises:
+    ConfigError: one line naming `config.evals.<name>.<setting>`.
+  """
+  for name, settings in evals.items():
+    kind = settings.get("type")
+    if kind not in _TYPES:
+      raise ConfigError(f"config.evals.{name}.type={kind!r} is unknown; known types: {sorted(_TYPES)}")
+    if kind not in IMAGE_SETTINGS:
+      continue
+    known = IMAGE_SETTINGS[kind]
+    for key in settings.keys():
+      if key != "type" and key not in known:
+        raise ConfigError(f"config.evals.{name}.{key} is not a setting of a {kind} evaluator (it reads only "
+                          f"{', '.join(known)}); remove it")
+    for key in ("dataset", "split"):
+      value = settings.get(key)
+      if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ConfigError(f"config.evals.{name}.{key}={value!r} must name a prepared dataset's {key} (a {kind} "
+                          f"evaluator reads it), e.g. dataset='emoji', split='test'")
+
+
 def build_evaluators(evals: ml_collections.ConfigDict, context: EvalContext) -> dict[str, Any]:
   """Constructs every evaluator of `config.evals` (each reads its data now).
 
@@ -61,4 +90,15 @@ def build_evaluators(evals: ml_collections.ConfigDict, context: EvalContext) -> 
 
 
 def run_evaluators(evaluators: dict[str, Any], params) -> dict[str, dict[str, float]]:
-  return {name: {k: float(v) for k, v in ev.run(params).items()} for name, ev in evaluators.items()}
+  """{evaluator name: {metric: float}} of `params`.
+
+  Raises:
+    NonFiniteEmbeddings: an evaluator's embeddings hold NaN or inf (named, with how many rows), not a result.
+  """
+  out = {}
+  for name, ev in evaluators.items():
+    try:
+      out[name] = {k: float(v) for k, v in ev.run(params).items()}
+    except NonFiniteEmbeddings as err:
+      raise NonFiniteEmbeddings(f"evaluator config.evals.{name}: {err}") from err
+  return out

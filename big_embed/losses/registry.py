@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -151,8 +152,25 @@ def resolve(cfg: Mapping | Config) -> Config:
     if out[field] is not None:
       with nested(field):
         out[field] = resolve(out[field])
-  spec.validate(out)
+  _reject_nan(out, spec.sub_losses)
+  try:
+    spec.validate(out)
+  except (TypeError, ValueError) as err:  # a check met a value of a type it does not expect: the value is wrong
+    if isinstance(err, ConfigError):
+      raise
+    raise ConfigError(f"{_WHERE.get()} of {what} has a value of the wrong kind ({err}); see the loss's fields and "
+                      f"their defaults: {_show(Config({'name': spec.name, **spec.default_config()}))}") from None
   return out
+
+
+def _reject_nan(cfg: Config, sub_losses: tuple[str, ...]) -> None:
+  """No loss field (nor one of a group) may be NaN: no check compares it, so it would pass them all."""
+  for field, value in cfg.items():
+    if isinstance(value, float) and math.isnan(value):
+      raise ConfigError(f"{field_path(field)} must be a number, got nan")
+    if isinstance(value, Config) and field not in sub_losses:
+      with nested(field):
+        _reject_nan(value, ())
 
 
 def loss_config(name: str, **fields) -> Config:

@@ -59,8 +59,18 @@ class Experiment:
   checkpointer: ckpt_lib.Checkpointer
 
 
-def prepare_workdir(workdir: str | os.PathLike[str]) -> pathlib.Path:
+def prepare_workdir(workdir: str | os.PathLike[str] | None) -> pathlib.Path:
+  """The absolute run directory `workdir`, created if missing and checked to be writable.
+
+  Raises:
+    ConfigError: `workdir` is empty, names an existing non-directory, or cannot be written.
+  """
+  if workdir is None or not str(workdir).strip():
+    raise ConfigError(f"--workdir={'' if workdir is None else str(workdir)!r} is empty; pass the run's directory, "
+                      "e.g. --workdir=runs/quickstart")
   path = pathlib.Path(workdir).expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"--workdir {path} exists and is not a directory; pass a directory (new or a run's)")
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe_{os.getpid()}"
@@ -81,14 +91,7 @@ def _check_train(t: ml_collections.ConfigDict, mesh) -> None:
   if t.batch_size % jax.process_count():
     raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by the "
                       f"{jax.process_count()} processes")
-  for name in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
-    if t[name] <= 0:
-      raise ConfigError(f"config.train.{name} must be > 0, got {t[name]}")
-  if not t.learning_rate > 0:
-    raise ConfigError(f"config.train.learning_rate must be > 0, got {t.learning_rate}")
-  if not isinstance(t.embed_chunk_size, int) or t.embed_chunk_size < 0:
-    raise ConfigError(f"config.train.embed_chunk_size must be an int >= 0 (rows per device per chunk; 0 = no "
-                      f"gradient caching), got {t.embed_chunk_size!r}")
+  # Each field's type and range: config_schema.TRAIN (checked by `config_schema.validate`).
 
 
 def check_task_types(config: ml_collections.ConfigDict) -> None:
@@ -127,6 +130,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collection
   resolved.loss = losses.resolve(config.loss)
   resolved.model = models.resolve(config.model, announce=jax.process_index() == 0)
   resolved.lock()
+  evaluate.registry.check_settings(resolved.evals)
   _check_train(resolved.train, mesh)
   sharding_lib.check_rules(resolved.sharding_rules, mesh)
   check_task_types(resolved)
@@ -139,6 +143,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collection
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> Experiment:
   workdir_path = prepare_workdir(workdir)
+  config_schema.validate(config)  # before the mesh is made of config.mesh
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   config, tasks = check_config(config, mesh)
   data_dir = data_paths.resolve_data_dir(config.data.data_dir or None)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -28,12 +30,28 @@ from big_embed.train import teacher as teacher_lib
 from big_embed.train.experiment import Experiment
 
 
+def _writing(what: pathlib.Path, ckpt: ckpt_lib.Checkpointer, write, *args):
+  """`write(*args)`; a failed write (full or read-only disk) stops the run with one line naming the file and
+  the newest intact checkpoint."""
+  try:
+    return write(*args)
+  except OSError as err:
+    ckpt.wait()  # a background save that failed on the same disk came first: then that is the error
+    raise TrainingError(f"could not write {what} ({ckpt_lib.why_failed(err)}); {ckpt.newest_intact()} in "
+                        f"{ckpt.directory}; free space there (or use another --workdir) and rerun the same command "
+                        "to resume") from err
+
+
 def _write_results(exp: Experiment, step: int, results: dict) -> pathlib.Path:
   path = exp.workdir / "eval_results.json"
-  if jax.process_index() == 0:
+
+  def write():
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"step": int(step), **results}, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+  if jax.process_index() == 0:
+    _writing(path, exp.checkpointer, write)
   return path
 
 
@@ -51,70 +69,92 @@ def _meta(exp: Experiment, step: int) -> dict:
 
 
 class _StopSignal:
-  """SIGTERM as a flag the loop checks between steps (then it saves a checkpoint and exits cleanly).
+  """SIGTERM and SIGINT (Ctrl-C) as a flag the loop checks between steps (then it saves a checkpoint and exits
+  cleanly); a second signal aborts at once (the newest complete checkpoint stays intact).
 
   With several processes, all must stop at the same step: JAX's preemption sync point (which listens for
-  SIGTERM once `jax.distributed` is initialised) agrees on one.
+  SIGTERM once `jax.distributed` is initialised) agrees on one; a SIGINT is passed on to it as a SIGTERM.
   """
 
   def __init__(self):
-    self._flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
+    self.name: str | None = None  # the signal that asked to stop
+    self._multi = jax.process_count() > 1
+    ours = (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM)
+    self._previous = {s: signal.signal(s, self._handle) for s in ours}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.name is not None:
+      print(f"\nAborted by a second {name}; the newest complete checkpoint is intact", file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.name = name
+    print(f"\n{name}: stopping after this step with a checkpoint ({name} again: abort at once)", file=sys.stderr,
+          flush=True)
+    if self._multi:  # JAX's preemption notifier listens for SIGTERM
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def requested(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
+    return self.name is not None
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def _restore_state(exp: Experiment, step: int, data_iter=None):
-  layers.check_same_layout(exp.checkpointer.restore_meta(step)["config"]["model"], exp.config.model)
+  """The verified state of checkpoint `step` (and `data_iter` set to its position); raises
+  `ckpt_lib.DamagedCheckpoint`, or ConfigError when the checkpoint belongs to another model."""
   abstract = ckpt_lib.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-  try:
-    state, _ = exp.checkpointer.restore(step, abstract, data_iter)
-  except (ValueError, KeyError) as err:
-    raise ConfigError(f"the checkpoint in {exp.checkpointer.directory} does not match this config ({err}); "
-                      "use a new --workdir for a different model") from err
+  state, _ = exp.checkpointer.restore(
+      step, abstract, data_iter,
+      check_meta=lambda meta: layers.check_same_layout(meta["config"]["model"], exp.config.model))
   return state
 
 
-def _check_finite(exp: Experiment, checked: list[tuple[int, float, float]]) -> None:
-  """Stops the run at the first step whose loss or gradient norm is not finite.
+def _resume(exp: Experiment, step: int):
+  """(state, data iterator, whether the data position resumed exactly) from checkpoint `step`.
 
-  `checked`: (step, loss, grad_norm) of every step since the last check. The loss of step t is computed from the
-  parameters after step t - 1, so a non-finite loss at step t condemns the checkpoint of step t - 1 (a resumed
-  run would replay the same batch on the same parameters); a non-finite gradient norm condemns step t's own
-  update. Condemned checkpoints are removed, so that rerunning with a lower learning rate resumes from the last
-  good one.
+  The data position resumes exactly when the process count is unchanged (each process owns a data shard).
+  Otherwise the shards differ; the stream restarts with a seed that depends on the step.
+  """
+  exact = exp.checkpointer.restore_meta(step).get("process_count", 1) == jax.process_count()
+  data_iter = iter(experiment_lib.make_train_stream(exp, exp.config.seed if exact else exp.config.seed + step))
+  return _restore_state(exp, step, data_iter if exact else None), data_iter, exact
+
+
+def _check_finite(exp: Experiment, steps: list[tuple[int, dict[str, float]]], bad: int) -> int:
+  """Counts consecutive skipped steps and stops the run at config.train.max_bad_steps of them in a row.
+
+  The train step (train/step.py) skips a step whose loss, gradient norm or update is not finite: its parameters
+  and optimizer state stay unchanged, so no checkpoint ever holds the non-finite values of a bad step and none is
+  deleted. `steps`: (step, metrics) of the steps since the last check, in order; `bad`: the consecutive skipped
+  steps just before them. Returns the consecutive skipped steps at the end of `steps`.
 
   Raises:
-    TrainingError: naming the step, the fix, and the checkpoint a rerun resumes from.
+    TrainingError: naming the step, its loss parts, the fix, and the checkpoint a rerun resumes from.
   """
-  for step, loss, grad_norm in checked:
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+  t = exp.config.train
+  for step, m in steps:
+    bad = bad + 1 if m.get("skipped") else 0
+    if bad < t.max_bad_steps:
       continue
-    what, first_bad = (f"the loss became {loss}", step - 1) if not math.isfinite(loss) else (
-        f"the gradient norm became {grad_norm}", step)
+    parts = " ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("skipped", "learning_rate"))
+    what = "the loss or the gradient norm" if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) \
+        else "the update (the new parameters or optimizer state)"
     ckpt = exp.checkpointer
     ckpt.wait()
-    removed = [s for s in ckpt.all_steps() if s >= first_bad]
-    for s in removed:
-      ckpt.delete(s)
     latest = ckpt.latest_step()
-    kept = (f"the last good checkpoint (step {latest}) in {ckpt.directory} is kept" if latest is not None else
-            f"no checkpoint before it is kept in {ckpt.directory}: a rerun starts from scratch")
-    gone = f"the checkpoint(s) of step {', '.join(map(str, removed))} were removed (their parameters give it); " \
-        if removed else ""
-    raise TrainingError(f"{what} at step {step}; lower config.train.learning_rate (now "
-                        f"{exp.config.train.learning_rate}) or config.train.grad_clip_norm and rerun; {gone}{kept}")
+    resume = (f"a rerun resumes from the checkpoint of step {latest} in {ckpt.directory}" if latest is not None
+              else f"no checkpoint is in {ckpt.directory}: a rerun starts from scratch")
+    raise TrainingError(
+        f"{what} was not finite at step {step} ({parts}), the last of {bad} consecutive skipped steps "
+        f"(config.train.max_bad_steps={t.max_bad_steps}; the parameters are those of step {step - bad}); lower "
+        f"config.train.learning_rate (now {t.learning_rate}) or config.train.grad_clip_norm (now "
+        f"{t.grad_clip_norm}) and rerun; {resume}")
+  return bad
 
 
 def _progress(scalars: dict[str, float]) -> dict[str, str]:
@@ -132,21 +172,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp = experiment_lib.build_experiment(config, workdir)
   cfg = exp.config.train
   ckpt = exp.checkpointer
-  start = ckpt.latest_step()
-  # The data position resumes exactly when the process count is unchanged (each process owns a data shard).
-  # Otherwise the shards differ; the stream restarts with a seed that depends on the step.
-  exact_data = start is None or ckpt.restore_meta(start).get("process_count", 1) == jax.process_count()
-  data_seed = exp.config.seed if exact_data else exp.config.seed + start
-  data_iter = iter(experiment_lib.make_train_stream(exp, data_seed))
-
-  if start is None:
+  found = ckpt.restore_newest_intact(lambda step: _resume(exp, step), move_damaged=True)
+  if found is None:
     state, start = experiment_lib.initial_state(exp), 0
+    data_iter = iter(experiment_lib.make_train_stream(exp, exp.config.seed))
   else:
-    state = _restore_state(exp, start, data_iter if exact_data else None)
+    start, (state, data_iter, exact_data) = found
     print(f"Resumed from the checkpoint at step {start} in {ckpt.directory}", flush=True)
     if not exact_data:
       print("Warning: the checkpoint was written by a different number of processes; the input stream "
-            f"restarts with data seed {data_seed} (parameters and optimizer state resume exactly)", flush=True)
+            f"restarts with data seed {exp.config.seed + start} (parameters and optimizer state resume exactly)",
+            flush=True)
 
   teacher = None
   if exp.config.teacher.workdir:
@@ -172,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results: dict = {}
   window = metrics_lib.TrainWindow(exp.mesh.devices.flat[0].device_kind)
   step = start
+  bad_steps = checked = 0  # consecutive skipped steps (`_check_finite`); the window's steps it has counted
   pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
   try:
@@ -191,31 +228,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_now = step % cfg.eval_every == 0 or is_last
       if step % cfg.log_every == 0 or save_now:
         fetched = window.fetch()
-        _check_finite(exp, [(s, m["loss"], m["grad_norm"]) for s, m in fetched])
+        bad_steps, checked = _check_finite(exp, fetched[checked:], bad_steps), 0
         scalars = window.record(fetched)
         window.reset()
-        writer.write(step, scalars)
+        _writing(writer.path, ckpt, writer.write, step, scalars)
+        ckpt.check()  # a failed background save stops the run here, not at the next save
         pbar.set_postfix(_progress(scalars))
+      elif step % cfg.max_bad_steps == 0:  # between records: the steps before the newest have run by now
+        fetched = window.fetch(newest=False)
+        bad_steps, checked = _check_finite(exp, fetched[checked:], bad_steps), len(fetched)
       if eval_now or save_now:
         jax.block_until_ready(metrics)  # the steps so far are step time, what follows is not
       if eval_now:
         with window.paused():
           results = evaluate.run_evaluators(evaluators, state.params["model"])
-          writer.write(step, metrics_lib.flatten(results, "eval"))
+          _writing(writer.path, ckpt, writer.write, step, metrics_lib.flatten(results, "eval"))
           _write_results(exp, step, results)
       if save_now:
         with window.paused():
-          ckpt.save(step, state, _meta(exp, step), data_iter, force=True)
+          ckpt.save(step, state, _meta(exp, step), data_iter)
       if stopping and not is_last:
         ckpt.wait()
-        print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}. "
+        print(f"Stopped by {stop.name or 'SIGTERM'} at step {step}; checkpoint saved in {ckpt.directory}. "
               "Rerun the same command to resume.", flush=True)
         return results
   finally:
     pbar.close()
     stop.restore()
-    writer.close()
-    ckpt.close()
+    try:
+      _writing(writer.path, ckpt, writer.close)
+    finally:
+      ckpt.close()
 
   if not results:  # resumed at the last step: evaluate the final state once
     results = evaluate.run_evaluators(evaluators, state.params["model"])
@@ -235,26 +278,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   pretrained checkpoint is evaluated as loaded (step 0).
   """
   exp = experiment_lib.build_experiment(config, workdir)
-  step = exp.checkpointer.latest_step()
   source = exp.kind.pretrained_source(exp.config.model)
   try:
-    if step is None and source:
+    found = exp.checkpointer.restore_newest_intact(lambda step: _restore_state(exp, step), move_damaged=False)
+    if found is None and source:
       print(f"No checkpoint in {exp.checkpointer.directory}: evaluating the pretrained model {source!r} as loaded",
             flush=True)
       state, step = experiment_lib.initial_state(exp), 0
-    elif step is None:
+    elif found is None:
       raise ConfigError(f"no checkpoint in {exp.checkpointer.directory}; train first with --mode train")
     else:
-      state = _restore_state(exp, step)
+      step, state = found
     results = evaluate.run_evaluators(experiment_lib.build_evaluators(exp), state.params["model"])
   finally:
     exp.checkpointer.close()
   path = _write_results(exp, step, results)
   writer = metrics_lib.MetricWriter(exp.workdir)
   try:
-    writer.write(step, metrics_lib.flatten(results, "eval"))
+    _writing(writer.path, exp.checkpointer, writer.write, step, metrics_lib.flatten(results, "eval"))
   finally:
-    writer.close()
+    _writing(writer.path, exp.checkpointer, writer.close)
   print(f"\nResults at step {step}:\n{format_results(results)}\nWritten to {path} (and metrics.jsonl, tensorboard/)",
         flush=True)
   return results

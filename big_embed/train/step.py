@@ -27,6 +27,12 @@ def make_loss_and_grads(model: nn.Module, loss_fn: Callable) -> Callable:
   return loss_and_grads
 
 
+def all_finite(tree) -> jax.Array:
+  """A bool scalar: every floating-point leaf of `tree` is finite (no NaN, no inf); reduced on the device."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Callable,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule, teacher=None,
                     chunking: grad_cache.Chunking | None = None):
@@ -39,6 +45,14 @@ def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Call
   run with several task types compiles one step per type.
   With a `chunking` (config.train.embed_chunk_size > 0) the towers embed the batch chunk by chunk with exact
   gradient caching (`grad_cache`), the teacher too; the loss still sees the whole global batch.
+
+  The NaN guard, inside the step (no host sync): the update is applied only when the loss, the gradient norm and
+  every leaf of the updated parameters and optimizer state are finite (the last catches an update that overflows
+  from finite gradients, e.g. a huge learning rate). Otherwise the step is skipped: the new state keeps the old
+  parameters and optimizer state bit for bit (so the optimizer's own count, which drives Adam's bias correction,
+  does not advance), while `step` still advances, so the data stream moves on, the next step draws other dropout
+  masks and a resumed run replays exactly. `metrics["skipped"]` is 1.0 for a skipped step, else 0.0; the loop
+  stops the run after config.train.max_bad_steps consecutive skips.
   """
 
   if chunking is None:
@@ -51,11 +65,15 @@ def make_train_step(model: nn.Module, loss_fn: Callable, clamp_loss_params: Call
       batch = teacher.annotate(teacher_params, batch, chunking)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = loss_and_grads(state.params, batch, dropout_rng, state.step)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = {**params, "loss": clamp_loss_params(params["loss"])}
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr_schedule(state.step)}
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((params, opt_state))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
+               "skipped": 1 - ok.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
