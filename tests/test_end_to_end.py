@@ -67,7 +67,8 @@ def test_run_writes_results_checkpoint_and_logs(uninterrupted, data_dir):
       assert again[name][k] == pytest.approx(v, abs=1e-6), (name, k)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_cleanly(signum, tmp_path, data_dir):
   workdir = tmp_path / "term"
   proc = subprocess.Popen(_command(workdir, data_dir, "--config.train.steps=100000",
                                    "--config.train.checkpoint_every=1000"),
@@ -77,12 +78,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     if (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().count("\n") >= 2:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  assert "Stopped by SIGTERM" in out
+  assert f"Stopped by {signal.Signals(signum).name}" in out and "Traceback" not in err
   steps = _checkpoint_steps(workdir)
   assert len(steps) == 1 and 4 <= steps[0] < 1000, steps
+
+
+
+def test_a_second_sigint_aborts_at_once(tmp_path, data_dir):
+  workdir = tmp_path / "int"
+  proc = subprocess.Popen(_command(workdir, data_dir, "--config.train.steps=100000",
+                                   "--config.train.checkpoint_every=1000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tiny.ROOT)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().count("\n") >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.1)  # two signals before the handler runs would arrive as one
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+  assert "Aborted by a second SIGINT" in err and "Traceback" not in err, err[-3000:]
+  assert "Stopped by" not in out
 
 
 BAD_INPUTS = [

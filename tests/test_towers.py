@@ -292,7 +292,7 @@ def test_checkpointed_params_restore_into_the_other_layout(tmp_path, saved_scan)
   checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=False, create=False)  # as `run.restore_run` does
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), saved)
-  restored = checkpointer.restore_params(1, abstract)
+  restored, _ = checkpointer.restore_params(1, abstract)
   checkpointer.close()
   converted = layers.to_layout(restored, not saved_scan)
   assert layers.is_scanned(converted) == (not saved_scan)

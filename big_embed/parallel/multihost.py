@@ -65,6 +65,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ConfigError("--num_processes and --process_id need --coordinator_address host:port of process 0")
   elif any(k in os.environ for k in _AUTO_DETECT_ENV):
     coordinator_address, num_processes, process_id, local_device_ids = _detect_cluster(init_timeout)
+    if os.environ.get("JAX_LOCAL_DEVICE_IDS"):  # e.g. one process per node with all its GPUs: JAX reads it
+      local_device_ids = None
   else:
     return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
