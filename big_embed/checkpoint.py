@@ -132,9 +132,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
-
   def step_dirs(self) -> list[int]:
     """Every step directory, complete or not (an empty or damaged one included), oldest first."""
     if not self.directory.is_dir():

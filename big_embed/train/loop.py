@@ -146,7 +146,7 @@ def _check_finite(exp: Experiment, steps: list[tuple[int, dict[str, float]]], ba
         else "the update (the new parameters or optimizer state)"
     ckpt = exp.checkpointer
     ckpt.wait()
-    latest = ckpt.latest_step()
+    latest = ckpt.intact  # the newest verified (or completely written) checkpoint
     resume = (f"a rerun resumes from the checkpoint of step {latest} in {ckpt.directory}" if latest is not None
               else f"no checkpoint is in {ckpt.directory}: a rerun starts from scratch")
     raise TrainingError(
