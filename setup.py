@@ -31,9 +31,10 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # scikit-learn: independent metric and probe references; portpicker: ports for multi-process tests;
-        # nbclient ... matplotlib: tests/test_notebook.py executes notebooks/analyze_checkpoint.ipynb.
-        "test": ["pytest", "hypothesis", "scikit-learn>=1.5", "portpicker", "nbclient", "nbformat", "ipykernel",
-                 "matplotlib"],
+        # nbclient ... matplotlib: tests/test_notebook.py executes notebooks/analyze_checkpoint.ipynb;
+        # pytest-xdist: the suite runs on two workers (pytest.ini).
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn>=1.5", "portpicker", "nbclient", "nbformat",
+                 "ipykernel", "matplotlib"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel", "matplotlib"],
     },
     entry_points={"console_scripts": ["big-embed=big_embed.main:run"]},

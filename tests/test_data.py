@@ -92,6 +92,24 @@ def test_corrupt_record_raises(data_dir, tmp_path):
   assert "--overwrite" in str(e.value)
 
 
+def test_a_split_read_whole_is_parsed_once_until_its_files_change(data_dir, tmp_path):
+  src_dir = sources.dataset_dir("emoji", data_dir)
+  dst_dir = sources.dataset_dir("emoji", tmp_path)
+  dst_dir.mkdir(parents=True)
+  for f in src_dir.iterdir():
+    (dst_dir / f.name).write_bytes(f.read_bytes())
+  first, again = sources.read_all("emoji", tmp_path, "test"), sources.read_all("emoji", tmp_path, "test")
+  assert again is not first and all(a is b for a, b in zip(first, again)) and len(first) == 747
+  image = next(v for v in first[0].values() if isinstance(v, np.ndarray) and v.ndim == 3)
+  with pytest.raises(ValueError, match="read-only"):
+    image[0, 0, 0] = 0
+  data_file = next(f for f in dst_dir.iterdir() if "test.array_record" in f.name)
+  data = data_file.read_bytes()
+  data_file.write_bytes(data[:len(data) // 2] + b"\xff" * 4096 + data[len(data) // 2 + 4096:])
+  with pytest.raises(DataError, match=r"Corrupt emoji .*record"):  # damaged after the first read: read again
+    sources.read_all("emoji", tmp_path, "test")
+
+
 def test_missing_package_message(monkeypatch):
   monkeypatch.setattr(os, "geteuid", lambda: 1000)  # Not root: never runs apt-get.
   with pytest.raises(DataError, match="sudo apt-get install -y big-embed-no-such-package"):

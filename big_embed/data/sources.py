@@ -8,11 +8,13 @@ raises `DataError` naming the dataset, the file and the command that (re)builds 
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from big_embed.data import corpora, found_datasets, paths
@@ -177,14 +179,35 @@ def open_split(name: str, data_dir: str | os.PathLike[str] | None, split: str) -
   return CheckedSource(source, name, split, directory, resolved)
 
 
+# Splits read whole by `read_all`, kept while their records add up to at most this many: a run whose tasks and
+# evaluations read the same split (Piccolo2 reads WordNet's for two tasks and two evaluations) parses it once.
+_CACHED_RECORDS = 500_000
+_read_cache: collections.OrderedDict[tuple, list[dict[str, Any]]] = collections.OrderedDict()
+
+
+def _files_signature(directory: pathlib.Path) -> tuple:
+  """(path, size, mtime) of every file of a prepared dataset: a rebuilt or damaged dataset is read again."""
+  return tuple(sorted((str(p), st.st_size, st.st_mtime_ns) for p in directory.rglob("*") if p.is_file()
+                      for st in (p.stat(),)))
+
+
 def read_all(name: str, data_dir: str | os.PathLike[str] | None, split: str, chunk: int = 4096
              ) -> list[dict[str, Any]]:
   """Every record of split `split` of prepared dataset `name`, in storage order (read `chunk` at a time).
 
+  The records are shared by every caller in this process (their arrays are read-only) until the dataset's files
+  change; a new list is returned each time.
+
   Raises:
     DataError: as `open_split`, or a record cannot be read.
   """
-  source = open_split(name, data_dir, split)
+  resolved = str(paths.resolve_data_dir(data_dir))
+  signature = _files_signature(dataset_dir(name, resolved))
+  key = (resolved, name, split, signature)
+  if key in _read_cache:
+    _read_cache.move_to_end(key)
+    return list(_read_cache[key])
+  source = open_split(name, resolved, split)
   n = len(source)
   getitems = getattr(source, "__getitems__", None)
   if getitems is None:
@@ -192,4 +215,12 @@ def read_all(name: str, data_dir: str | os.PathLike[str] | None, split: str, chu
   out: list[dict[str, Any]] = []
   for start in range(0, n, chunk):
     out.extend(getitems(range(start, min(n, start + chunk))))
-  return out
+  for record in out:
+    for value in record.values():
+      if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+  if signature and n <= _CACHED_RECORDS:
+    _read_cache[key] = out
+    while sum(len(v) for v in _read_cache.values()) > _CACHED_RECORDS:
+      _read_cache.popitem(last=False)
+  return list(out)

@@ -19,7 +19,6 @@ from big_embed.data import sources
 from big_embed.data.text_corpus import to_str
 
 _LABEL_SEPARATORS = re.compile(r"::|[._]")
-_CHUNK = 4096  # records read at once
 
 
 def as_text(value: Any) -> str:
@@ -40,11 +39,10 @@ def text_id(text: str) -> int:
 
 
 class ColumnReader:
-  """Reads whole fields ("columns") of prepared splits, each split opened once and each field read once."""
+  """Reads whole fields ("columns") of prepared splits (`sources.read_all`: each split parsed once per process)."""
 
   def __init__(self, data_dir: str | None):
     self._data_dir = data_dir
-    self._splits: dict[tuple[str, str], tuple[sources.CheckedSource, dict[str, list]]] = {}
 
   def read(self, dataset: str, split: str, fields: Sequence[str]) -> dict[str, list]:
     """field -> the raw value of every record of the split, in record order.
@@ -52,19 +50,8 @@ class ColumnReader:
     Raises:
       DataError: the dataset or split is not prepared, or a record cannot be read.
     """
-    key = (dataset, split)
-    if key not in self._splits:
-      self._splits[key] = (sources.open_split(dataset, self._data_dir, split), {})
-    source, columns = self._splits[key]
-    missing = [f for f in dict.fromkeys(fields) if f not in columns]
-    if missing:
-      new = {f: [] for f in missing}
-      for start in range(0, len(source), _CHUNK):
-        for record in source.__getitems__(range(start, min(start + _CHUNK, len(source)))):
-          for f in missing:
-            new[f].append(record[f])
-      columns.update(new)
-    return {f: columns[f] for f in fields}
+    records = sources.read_all(dataset, self._data_dir, split)
+    return {f: [r[f] for r in records] for f in fields}
 
 
 def label_vocab(feature: Any, values: list) -> tuple[list[str], list[list[int]]]:
