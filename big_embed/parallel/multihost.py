@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from big_embed.errors import ConfigError
+from big_embed.errors import ConfigError, TrainingError
 
 # Environment variables under which `jax.distributed.initialize()` finds the cluster by itself.
 _AUTO_DETECT_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
@@ -76,6 +76,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                                                    d.get("coordinator_bind_address", "")))
   if num_processes > 1:
     _Watchdog(process_id, num_processes, heartbeat_timeout).start()
+
+
+def barrier(name: str, timeout_s: int) -> None:
+  """Waits until every process has reached `name` (the coordination service's barrier; nothing for one process).
+
+  The training loop calls it before the first run of each compiled step: processes finish compiling at different
+  times, and on CPU the first collective's Gloo rendezvous gives up when a peer joins more than 30 s late.
+  Raises TrainingError (one line) when a process has not arrived after `timeout_s`.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the client initialize started)
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  try:
+    client.wait_at_barrier(name, timeout_s * 1000)
+  except jax.errors.JaxRuntimeError as err:
+    raise TrainingError(f"not every process reached {name!r} within {timeout_s} s "
+                        f"(distributed.initialization_timeout_s): {str(err).splitlines()[0][:160]}") from None
 
 
 def bind_address(coordinator_address: str, configured: str = "") -> str | None:

@@ -23,6 +23,7 @@ from big_embed import metrics as metrics_lib
 from big_embed.errors import ConfigError, TrainingError
 from big_embed.models import layers
 from big_embed.parallel import mesh as mesh_lib
+from big_embed.parallel import multihost
 from big_embed.train import compile_only
 from big_embed.train import experiment as experiment_lib
 from big_embed.train import step_cost
@@ -185,9 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             flush=True)
 
   teacher = None
-  if exp.config.teacher.workdir:
+  if teacher_lib.is_configured(exp.config.teacher):
     teacher = teacher_lib.load_teacher(exp.config.teacher, exp.mesh, exp.tokenizer)
-    print(f"Teacher: {exp.config.teacher.workdir} (step {teacher.step})", flush=True)
+    print(f"Teacher: {exp.config.teacher.workdir or exp.config.teacher.pretrained} (step {teacher.step})", flush=True)
   teacher_params = teacher.params if teacher else None
   costs: list = []
 
@@ -208,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results: dict = {}
   window = metrics_lib.TrainWindow(exp.mesh.devices.flat[0].device_kind)
   step = start
+  started: set[int] = set()  # ids of the executables that have run once
   bad_steps = checked = 0  # consecutive skipped steps (`_check_finite`); the window's steps it has counted
   pbar = tqdm.tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
@@ -218,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
       with window.paused():  # compiles on the first batch of each task type and shape
         executable = train_step.executable(batch, task)
+        if id(executable) not in started:  # every process starts its first run together
+          started.add(id(executable))
+          multihost.barrier(f"big_embed/train_step/{len(started)}", exp.config.distributed.initialization_timeout_s)
       state, metrics = executable(state, batch, teacher_params)
       step += 1
       window.add(step, metrics, next(iter(batch.values())).shape[0], executable.cost.flops_per_device)

@@ -1,7 +1,8 @@
 """Cluster launches and bounded failure, with real processes on one machine (docs/reliability.md).
 
 - A SLURM job step, simulated: 2 processes with the environment `srun` sets and no coordinator flags, so that JAX's
-  own SLURM detection picks the coordinator, the process count and ids; they train, checkpoint and resume.
+  own SLURM detection picks the coordinator, the process count and ids; they train, checkpoint and resume, one of
+  them reaching its first step 40 s late (tests/reliability/late_first_step.py).
 - An `salloc` shell (SLURM_JOB_ID only): one error line saying to use `srun`.
 - A lost process: SIGKILL of a worker while a 2-process run trains; the coordinator exits non-zero within
   `distributed.heartbeat_timeout_s`, its first error line naming the lost process. (A lost coordinator, VICTIMS =
@@ -31,8 +32,8 @@ HEARTBEAT_S = 10  # the dead-peer runs' distributed.heartbeat_timeout_s: the sta
 _CPP_LOG = ("Traceback", "terminate called", "coordination_service", "Check failed", "*** ", "SIGABRT", "Fatal")
 
 
-def _command(workdir, data_dir, steps: int, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "big_embed.main", "--config", "configs/quickstart.py:tiny", "--workdir",
+def _command(workdir, data_dir, steps: int, *extra: str, module: str = "big_embed.main") -> list[str]:
+  return [sys.executable, "-m", module, "--config", "configs/quickstart.py:tiny", "--workdir",
           str(workdir), "--cpu_devices", "4", f"--config.data.data_dir={data_dir}", f"--config.train.steps={steps}",
           "--config.train.eval_every=1000000", *extra]
 
@@ -84,14 +85,16 @@ def _slurm_job_id() -> int:
 
 def test_a_slurm_job_step_trains_checkpoints_and_resumes(tmp_path, data_dir):
   """2 processes, environment as from srun, no coordinator flags: JAX's SLURM detection joins them (process 0
-  says so), they train 4 steps with checkpoints; a second launch resumes from step 4 and reaches step 6."""
+  says so), they train 4 steps with checkpoints, process 1 reaching its first step 40 s after process 0 (more than
+  Gloo's 30 s); a second launch resumes from step 4 and reaches step 6."""
   job_id = _slurm_job_id()
   workdir = tmp_path / "run"
   outputs = []
   for launch, steps in enumerate((4, 6)):
     logs = [tmp_path / f"launch{launch}_process{i}.log" for i in range(2)]
-    procs = [_start(_command(workdir, data_dir, steps, "--config.train.checkpoint_every=2"), logs[i],
-                    _slurm_env(job_id, i)) for i in range(2)]
+    late = ["big_embed.main", "tests.reliability.late_first_step"] if launch == 0 else ["big_embed.main"] * 2
+    procs = [_start(_command(workdir, data_dir, steps, "--config.train.checkpoint_every=2", module=late[i]),
+                    logs[i], _slurm_env(job_id, i)) for i in range(2)]
     outputs.append(_wait_all(procs, logs, 300))
     assert all(p.returncode == 0 for p in procs), _tails(logs)
   first, second = outputs
