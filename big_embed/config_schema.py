@@ -239,9 +239,14 @@ TEXT_TASK = {
                            "classification: other label texts per row (0 = all)", check=ints(0)),
     "mined": Field("", "name of a mined hard-negative set in <data_dir>/mined/ (retrieval only; '' = none)"),
     "max_records": Field(0, "> 0: use only the split's first max_records records (0 = all)", check=ints(0)),
+    "teacher_embeddings": Field("", "name of precomputed teacher embeddings in <data_dir>/teacher_embeddings/ "
+                                "(`python -m big_embed.embed_teacher`; retrieval only): batches carry teacher_query, "
+                                "teacher_key, teacher_hard_negatives ('' = none)"),
 }
 TEACHER = {
     "workdir": Field("", "a finished run whose newest checkpoint is the frozen teacher ('' = no teacher)"),
+    "pretrained": Field("", "or: a pretrained text model, whole ('minilm' or a BERT checkpoint directory), as the "
+                        "frozen teacher ('' = none); at most one of workdir and pretrained"),
     "outputs": Field({"image": "teacher_image", "text": "teacher_text"},
                      "teacher output -> the batch key its embeddings are added under"),
 }
@@ -404,7 +409,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_mapping(data.get("mixture") or {}, "config.data.mixture", _check_positive_weight)
   _check_mapping(data.get("tasks") or {}, "config.data.tasks",
                  lambda task, where: _check(task, TEXT_TASK, where))
-  _check_mapping((config.get("teacher") or {}).get("outputs") or {}, "config.teacher.outputs", _check_batch_key)
+  teacher = config.get("teacher") or {}
+  _check_mapping(teacher.get("outputs") or {}, "config.teacher.outputs", _check_batch_key)
+  if teacher.get("workdir") and teacher.get("pretrained"):
+    raise ConfigError(f"config.teacher.workdir={teacher['workdir']!r} and config.teacher.pretrained="
+                      f"{teacher['pretrained']!r} are both set; the teacher is one of them: clear the other")
+  stored = [name for name, task in (data.get("tasks") or {}).items() if task.get("teacher_embeddings")]
+  if stored and (teacher.get("workdir") or teacher.get("pretrained")):
+    raise ConfigError(f"config.data.tasks.{stored[0]}.teacher_embeddings is set and so is config.teacher: the "
+                      "batches' teacher keys come from one of them; clear config.teacher (precomputed) or the task's "
+                      "teacher_embeddings (in the step)")
   for rule in config.get("sharding_rules", ()):  # each axis name is checked against the mesh (parallel/sharding)
     if not isinstance(rule, (tuple, list)) or len(rule) != 2:
       raise ConfigError(f"config.sharding_rules has {_show(rule)}; each rule is a pair (logical axis, mesh axis or "

@@ -36,12 +36,10 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from big_embed import config_schema
 from big_embed import models
 from big_embed import run as run_lib
 from big_embed.data import image_ops
@@ -235,19 +233,10 @@ def load_pretrained(name_or_path: str, mesh=None, **model_overrides) -> Embedder
   """A pretrained HF-format BERT ("minilm" or a directory) with its own tokenizer, pooled, projected, normalised,
   cut at its `max_seq_length` and prompted as its sentence-transformers files say (`models.st_modules`; printed)."""
   mesh = mesh or _default_mesh()
-  cfg = config_schema.model_defaults("text")
-  cfg.pretrained = name_or_path
-  cfg.update(model_overrides)
-  cfg = models.resolve(cfg, announce=True)
-  kind = models.kind_of(cfg)
-  tokenizer = pretrained.load_tokenizer(pretrained.resolve_pretrained(name_or_path))
-  model = kind.build(cfg, tokenizer.vocab_size)
-  init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), kind.example_batch(cfg))["params"])()
-  params = pretrained.merge_pretrained(jax.device_get(nn.unbox(init)), kind.pretrained_params(cfg))
-  params = jax.device_put(params, mesh_lib.replicated(mesh))
-  normalize = text_embedder.checkpoint_pipeline(cfg).normalize
-  return Embedder(model, params, tokenizer, cfg, mesh, name=pathlib.Path(os.fspath(name_or_path)).name,
-                  normalize=normalize)
+  run = run_lib.restore_pretrained(name_or_path, mesh, **model_overrides)
+  cfg = run.config.model
+  return Embedder(run.model, run.params, run.tokenizer, cfg, mesh, name=pathlib.Path(os.fspath(name_or_path)).name,
+                  normalize=text_embedder.checkpoint_pipeline(cfg).normalize)
 
 
 def load_run(workdir: str | os.PathLike[str], step: int | None = None, mesh=None) -> Embedder:

@@ -6,8 +6,10 @@
 
 `restore_run(workdir, mesh)` gives what inference needs (the frozen teacher of a distillation run, `encode`,
 `mine`): the config saved with the newest checkpoint, the run's tokenizer, the model built from that config and
-its parameters, restored onto `mesh` without the optimizer state. Training resumes the whole state with the same
-`Checkpointer` (`train/loop.py`), and takes its tokenizer from `run_tokenizer`.
+its parameters, restored onto `mesh` without the optimizer state. `restore_pretrained(name, mesh)` gives the same
+for a pretrained text model ("minilm" or a BERT checkpoint directory), whole, as its files describe it. Training
+resumes the whole state with the same `Checkpointer` (`train/loop.py`), and takes its tokenizer from
+`run_tokenizer`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from big_embed.data import tokenizer as tokenizer_lib
 from big_embed.data.tokenizer import Tokenizer
 from big_embed.errors import ConfigError
 from big_embed.models import pretrained
+from big_embed.parallel import mesh as mesh_lib
 from big_embed.parallel import sharding as sharding_lib
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -140,3 +143,25 @@ def restore_run(workdir: str | os.PathLike[str], mesh, step: int | None = None) 
   finally:
     checkpointer.close()
   return Run(workdir=workdir, step=step, config=config, tokenizer=tokenizer, model=model, params=params)
+
+
+def restore_pretrained(name_or_path: str | os.PathLike[str], mesh, **model_overrides) -> Run:
+  """A pretrained text model ("minilm" or an HF-format BERT directory) as a `Run` at step 0: `config.model` is
+  the text model's defaults with `pretrained` set (and `model_overrides`), resolved from the checkpoint's files
+  (pooling, normalisation, max length and prompts; printed), its own tokenizer, its params replicated on `mesh`.
+
+  Raises:
+    PretrainedError: no such pretrained model, or its files are incomplete.
+  """
+  cfg = config_schema.model_defaults("text")
+  cfg.pretrained = os.fspath(name_or_path)
+  cfg.update(model_overrides)
+  cfg = models.resolve(cfg, announce=True)
+  kind = models.kind_of(cfg)
+  path = pretrained.resolve_pretrained(cfg.pretrained)
+  tokenizer = pretrained.load_tokenizer(path)
+  model = kind.build(cfg, tokenizer.vocab_size)
+  init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), kind.example_batch(cfg))["params"])()
+  params = pretrained.merge_pretrained(jax.device_get(nn.unbox(init)), kind.pretrained_params(cfg))
+  return Run(workdir=path, step=0, config=ml_collections.ConfigDict({"model": cfg}), tokenizer=tokenizer,
+             model=model, params=jax.device_put(params, mesh_lib.replicated(mesh)))

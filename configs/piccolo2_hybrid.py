@@ -15,6 +15,9 @@ The model is the first 2 layers of all-MiniLM-L6-v2, fine-tuned. The evaluation 
     python -m big_embed.data.prepare bible wordnet debian_packages fortunes foldoc lee50 wordsim353 simlex999
     python -m big_embed.main --config configs/piccolo2_hybrid.py --mode eval --workdir runs/piccolo2_hybrid  # before
     python -m big_embed.main --config configs/piccolo2_hybrid.py --workdir runs/piccolo2_hybrid
+
+Argument "retrieval_only": the baseline experiments/piccolo2.py compares with: the four retrieval tasks only, plain
+InfoNCE (τ = 0.01, as the hybrid's retrieval branch), no Matryoshka nesting; the same evaluations.
 """
 
 import pathlib
@@ -25,7 +28,7 @@ MRL_DIMS = (96, 192, 384)
 
 
 def get_config(arg=None):
-  args = cu.parse_arg(arg, tiny=False)
+  args = cu.parse_arg(arg, tiny=False, retrieval_only=False)
   c = cu.load_recipe(pathlib.Path(__file__).with_name("pretrained_minilm.py"), "sts")
   c.model.num_layers = 2
   c.model.max_text_len = 48
@@ -53,6 +56,9 @@ def get_config(arg=None):
   c.evals.lexnames = dict(dataset="wordnet", text_field="definition", label_field="lexname", **probe)
   if args.tiny:
     _make_tiny(c)
+  if args.retrieval_only:
+    del c.data.tasks["fortunes"], c.data.tasks["lexnames"]
+    c.loss = cu.loss("infonce", temperature=0.01)  # the hybrid's retrieval branch (its default τ)
   return c
 
 

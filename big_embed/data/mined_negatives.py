@@ -12,14 +12,11 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import uuid
 
 import numpy as np
 
 from big_embed.data import paths
 from big_embed.data.errors import DataError
-from big_embed.errors import ConfigError
 
 MINED_DIR = "mined"
 MINED_FORMAT = "big_embed.mined_negatives"
@@ -51,16 +48,8 @@ def check_target(directory: str | os.PathLike[str]) -> pathlib.Path:
     ConfigError: another path, or something other than a mined set is there (a directory without a mined set's
       meta.json, a file, a symbolic link).
   """
-  directory = pathlib.Path(directory).absolute()
-  if directory.parent.name != MINED_DIR:
-    raise ConfigError(f"a mined hard-negative set is written to <data_dir>/{MINED_DIR}/<name>, not {directory}")
-  paths.check_name(directory.name, "the mined set name")
-  if directory.is_symlink() or directory.exists():
-    paths.check_inside(directory, directory.parent, "the mined set")
-    if not directory.is_dir() or not _is_mined_set(directory):
-      raise ConfigError(f"refusing to replace {directory}: it is not a mined hard-negative set (no meta.json of "
-                        f"format {MINED_FORMAT!r}); choose another name or move it away yourself")
-  return directory
+  return paths.check_replace_target(directory, MINED_DIR, "a mined hard-negative set", _is_mined_set,
+                                    f"meta.json of format {MINED_FORMAT!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,24 +102,13 @@ def write_mined_negatives(directory: str | os.PathLike[str], *, source_dataset: 
     text = json.dumps(info, indent=2)
   except TypeError as e:
     raise ValueError(f"meta must be JSON-serialisable: {e}") from e
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-  tmp.mkdir()
-  try:
+
+  def fill(tmp: pathlib.Path) -> None:
     np.save(tmp / "negatives.npy", negatives.astype(np.int64))
     np.save(tmp / "scores.npy", scores.astype(np.float32))
     (tmp / "meta.json").write_text(text, encoding="utf-8")
-    old = None
-    if directory.exists():
-      old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-      directory.rename(old)
-    tmp.rename(directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-  return directory
+
+  return paths.replace_directory(directory, fill)
 
 
 def read_mined_negatives(directory: str | os.PathLike[str]) -> MinedNegatives:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
+import uuid
+from collections.abc import Callable
 
 from big_embed.errors import ConfigError
 
@@ -80,6 +83,53 @@ def check_inside(path: str | os.PathLike[str], store: str | os.PathLike[str], wh
   if resolved == root or root not in resolved.parents:
     raise ConfigError(f"refusing to replace {what} {path}: it resolves to {resolved}, outside {root}")
   return resolved
+
+
+def check_replace_target(directory: str | os.PathLike[str], store: str, what: str, is_ours: Callable[[pathlib.Path],
+                         bool], marker: str) -> pathlib.Path:
+  """Returns `directory` (absolute) if a store may write there: it is `<...>/<store>/<plain name>` and holds nothing
+  or something of the store's own (`is_ours`), which is then replaced; `write` uses `replace_directory`.
+
+  Args:
+    what: what the store holds, for messages ("a mined hard-negative set").
+    marker: how a directory of the store's own is known, for messages ("a meta.json of format 'x'").
+
+  Raises:
+    ConfigError: another path, or something not the store's own is there (a file, a symbolic link, a directory
+      without the marker).
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.parent.name != store:
+    raise ConfigError(f"{what} is written to <data_dir>/{store}/<name>, not {directory}")
+  check_name(directory.name, f"the name of {what}")
+  if directory.is_symlink() or directory.exists():
+    check_inside(directory, directory.parent, what)
+    if not directory.is_dir() or not is_ours(directory):
+      raise ConfigError(f"refusing to replace {directory}: it is not {what} (no {marker}); choose another name or "
+                        "move it away yourself")
+  return directory
+
+
+def replace_directory(directory: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """Writes `directory` whole or not at all: `fill(tmp)` writes into a temporary sibling, which then takes the
+  place of `directory` (an old one is renamed aside first and deleted after). The caller has checked that
+  `directory` is its own to replace. Returns `directory`."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+  tmp.mkdir()
+  old = None
+  try:
+    fill(tmp)
+    if directory.exists():
+      old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
+      directory.rename(old)
+    tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  return directory
 
 
 def resolve_data_dir(flag_value: str | os.PathLike[str] | None) -> pathlib.Path:

@@ -9,6 +9,9 @@ Batches (numpy, L = max_text_len):
   retrieval:      query, key int32 [B, L]; ids int32 [B] (`text_records.text_id` of the document text, so equal
                   documents are not each other's negatives); with num_negatives = H > 0 also hard_negatives int32
                   [B, H, L] and hard_negative_valid bool [B, H] (from a mined set, or the records' own negatives).
+                  With teacher_embeddings (a store of D-wide rows): teacher_query, teacher_key float32 [B, D] (the
+                  rows' query and document embeddings) and, with H > 0, teacher_hard_negatives float32 [B, H, D]
+                  (each mined negative record's document embedding; zeros where hard_negative_valid is False).
   sts:            query, key int32 [B, L] (text_a, text_b); score float32 [B].
   classification: query int32 [B, L] (the text), key int32 [B, L] (its label's text), hard_negatives int32
                   [B, H, L] (H other label texts, sampled without replacement), hard_negative_valid bool [B, H]
@@ -42,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from big_embed.data import mined_negatives, seeds, text_records, text_tasks
+from big_embed.data import mined_negatives, seeds, teacher_embeddings, text_records, text_tasks
 from big_embed.data.errors import DataError
 from big_embed.data.text_tasks import TaskSpec
 from big_embed.data.tokenizer import Tokenizer
@@ -115,15 +118,16 @@ def _own_negatives(values: list) -> tuple[list[str], np.ndarray]:
 
 class RetrievalBatches(TaskBatches):
   """query, key, ids; with num_negatives H > 0 also hard_negatives and hard_negative_valid (a mined set, or the
-  records' own negatives)."""
+  records' own negatives); with a teacher-embedding store the teacher's rows of the same texts."""
 
-  def __init__(self, spec, columns, *, mined, **kw):
+  def __init__(self, spec, columns, *, mined, teacher, **kw):
     queries = [text_records.as_text(v) for v in columns[spec.fields["query"]]]
     docs = [text_records.as_text(v) for v in columns[spec.fields["doc"]]]
     usable = np.array([i for i, (q, d) in enumerate(zip(queries, docs)) if q and d], np.int64)
     super().__init__(spec, usable=usable, **kw)
     self._queries, self._docs = queries, docs
     self._doc_ids = np.array([text_records.text_id(d) for d in docs], np.int32)  # [N]
+    self._teacher = teacher  # teacher_embeddings.TeacherEmbeddings or None
     # Candidates [N, Hm]: indices into a pool of texts (-1 = none), with their ids and whether they are usable.
     self._candidates = None
     if mined is not None:  # indices of records: their documents
@@ -140,6 +144,9 @@ class RetrievalBatches(TaskBatches):
     out = {"query": self.encode([self._qp + self._queries[r] for r in rows]),
            "key": self.encode([self._dp + self._docs[r] for r in rows]),
            "ids": ids}
+    if self._teacher is not None:
+      out["teacher_query"] = np.asarray(self._teacher.query[rows])  # [B, D]
+      out["teacher_key"] = np.asarray(self._teacher.doc[rows])
     if self._candidates is not None:
       h = self.spec.num_negatives
       cand = self._candidates[rows]  # [B, Hm]
@@ -158,6 +165,9 @@ class RetrievalBatches(TaskBatches):
       texts = [self._dp + self._pool[c] if v else "" for c, v in zip(chosen.ravel(), valid.ravel())]
       out["hard_negatives"] = self.encode(texts).reshape(len(rows), h, self._max_len)
       out["hard_negative_valid"] = valid
+      if self._teacher is not None:  # the candidates are records (a mined set; checked in text_tasks)
+        rows_hn = np.asarray(self._teacher.doc[np.maximum(chosen, 0)])  # [B, H, D]
+        out["teacher_hard_negatives"] = np.where(valid[..., None], rows_hn, np.float32(0))
     return out
 
 
@@ -256,20 +266,20 @@ _BATCHES = {"retrieval": RetrievalBatches, "sts": StsBatches, "classification": 
 def open_task(spec: TaskSpec, reader: text_records.ColumnReader, features: Any, data_dir: str | None, *,
               tokenizer: Tokenizer, max_len: int, query_prefix: str, doc_prefix: str, seed: int,
               process_count: int) -> TaskBatches:
-  """Reads the task's fields (and its mined set or label texts) and returns its batch builder.
+  """Reads the task's fields (and its mined set, teacher embeddings or label texts) and returns its batch builder.
 
   Args:
     spec: a task checked by `text_tasks.validate_tasks`.
     reader: reads the task's columns (shared by tasks of one split).
     features: the prepared dataset's features (`sources.features`).
-    data_dir: where the mined sets live.
+    data_dir: where the mined sets and teacher embeddings live.
     tokenizer, max_len: encode every text as int32 [max_len].
     query_prefix, doc_prefix: put before query-side and document-side texts.
     seed: the run's seed; process_count: the processes that share each global batch.
 
   Raises:
     ConfigError: too few usable records for the process-local batch; a Text label with too few labels.
-    DataError: the split or the mined set is missing, or the mined set does not match the task.
+    DataError: the split, the mined set or the teacher embeddings are missing, or do not match the task.
   """
   columns = reader.read(spec.dataset, spec.split, list(spec.fields.values()))
   common = dict(tokenizer=tokenizer, max_len=int(max_len), query_prefix=query_prefix, doc_prefix=doc_prefix,
@@ -278,6 +288,9 @@ def open_task(spec: TaskSpec, reader: text_records.ColumnReader, features: Any, 
   if spec.type == "retrieval":
     num_records = len(next(iter(columns.values())))
     extra["mined"] = (read_mined_for(spec, data_dir, num_records) if spec.num_negatives and spec.mined else None)
+    extra["teacher"] = (read_teacher_for(spec, data_dir, num_records, extra["mined"], max_len=max_len,
+                                         query_prefix=query_prefix, doc_prefix=doc_prefix)
+                        if spec.teacher_embeddings else None)
   if spec.type in ("classification", "multilabel"):
     label = spec.fields["label"]
     extra["labels"] = text_records.label_vocab(features[label], columns[label])
@@ -313,3 +326,22 @@ def read_mined_for(spec: TaskSpec, data_dir: str | None, num_records: int) -> mi
         f"doc field {spec.fields['doc']!r} and at least {spec.num_negatives} negatives per query"
         + (f" (it was mined with: {how})" if how else "") + ", or lower the task's num_negatives")
   return mined
+
+
+def read_teacher_for(spec: TaskSpec, data_dir: str | None, num_records: int,
+                     mined: mined_negatives.MinedNegatives | None, *, max_len: int, query_prefix: str,
+                     doc_prefix: str) -> teacher_embeddings.TeacherEmbeddings:
+  """The teacher embeddings of retrieval task `spec` (`spec.teacher_embeddings`), checked to be of the texts its
+  batches hold (dataset, split, fields, record count, max_len, prefixes) and to cover every row they gather: the
+  task's records and its mined negatives.
+
+  Raises:
+    DataError: missing, corrupt, or of other texts or too few records ("embed them again: ...").
+  """
+  rows = min(spec.max_records or num_records, num_records)
+  if mined is not None and rows:
+    rows = max(rows, int(mined.negatives[:rows].max()) + 1)
+  facts = teacher_embeddings.task_facts(
+      dataset=spec.dataset, split=spec.split, query_field=spec.fields["query"], doc_field=spec.fields["doc"],
+      num_records=num_records, max_text_len=max_len, query_prefix=query_prefix, doc_prefix=doc_prefix)
+  return teacher_embeddings.read_for_task(spec.teacher_embeddings, data_dir, facts, rows, spec.name)

@@ -17,7 +17,9 @@ either, an sts score a number. A role left empty reads the dataset's default fie
 entry's retrieval / sts / probe / multilabel defaults, e.g. query -> positive of a dataset of your own), else the
 field named like the role. A retrieval task's hard negatives (num_negatives > 0) come from a mined set (`mined`) or,
 without one, from the records' own negatives (`Corpus.negatives`, e.g. the `negative(s)` of `prepare files`), which
-belong to the dataset's default (query, doc) pair.
+belong to the dataset's default (query, doc) pair. A retrieval task's `teacher_embeddings` names a frozen teacher's
+embeddings of its texts (`data.teacher_embeddings`, written by `python -m big_embed.embed_teacher`), which its
+batches then carry; its hard negatives, if any, must then be mined (the store has rows of records only).
 
 `validate_tasks` is the one check: the structure (`resolve_tasks`), batch sizes against the mesh and the
 processes, and every field against the prepared dataset's features, with label counts. The training stream
@@ -71,6 +73,7 @@ class TaskSpec:
   num_negatives: int
   mined: str
   max_records: int = 0  # 0 = all records of the split
+  teacher_embeddings: str = ""  # a store of `teacher_embeddings` ('' = none)
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -136,6 +139,26 @@ def _negatives(task: Any, task_type: str, where: str) -> tuple[int, str]:
   return num_negatives, mined
 
 
+def _teacher_embeddings(task: Any, task_type: str, num_negatives: int, mined: str, where: str) -> str:
+  """The task's teacher-embedding store name ('' = none), checked: retrieval only, and its hard negatives (if any)
+  must be records (a mined set), which are what the store has rows of."""
+  name = task["teacher_embeddings"]
+  if not isinstance(name, str):
+    raise ConfigError(f"{where}.teacher_embeddings must be a teacher embeddings name or '', got {name!r}")
+  if not name:
+    return name
+  if task_type != "retrieval":
+    raise ConfigError(f"{where}.teacher_embeddings={name!r}, but only retrieval tasks read teacher embeddings; "
+                      "set it to ''")
+  paths.check_name(name, f"{where}.teacher_embeddings")
+  if num_negatives and not mined:
+    raise ConfigError(f"{where}.teacher_embeddings={name!r} with num_negatives={num_negatives} and no mined set: "
+                      "the records' own negative texts have no teacher embeddings (the store has rows of records "
+                      f"only); mine the negatives ({where}.mined=<name>, python -m big_embed.mine) or set "
+                      "num_negatives=0")
+  return name
+
+
 def _resolve_task(name: str, given: Any, default_batch_size: int, data_dir: str | None) -> TaskSpec:
   where = f"config.data.tasks.{name}"
   if not isinstance(given, (Mapping, ml_collections.ConfigDict)):
@@ -160,6 +183,7 @@ def _resolve_task(name: str, given: Any, default_batch_size: int, data_dir: str 
   if not isinstance(split, str) or split.split("[", 1)[0] not in splits:
     raise ConfigError(f"{where}.split={split!r} is not a split of {dataset!r}; its splits: {', '.join(splits)}")
   num_negatives, mined = _negatives(task, task_type, where)
+  teacher_embeddings = _teacher_embeddings(task, task_type, num_negatives, mined, where)
   max_records = _as_int(task["max_records"], f"{where}.max_records")
   if max_records < 0:
     raise ConfigError(f"{where}.max_records must be >= 0 (0 = all records), got {max_records}")
@@ -168,7 +192,8 @@ def _resolve_task(name: str, given: Any, default_batch_size: int, data_dir: str 
     fields["negatives"] = _in_record_negatives(corpus, fields, num_negatives, where)
   return TaskSpec(name=str(name), type=task_type, dataset=dataset, split=split, weight=_weight(task["weight"], where),
                   batch_size=_batch_size(task["batch_size"], default_batch_size, where), fields=fields,
-                  num_negatives=num_negatives, mined=mined, max_records=max_records)
+                  num_negatives=num_negatives, mined=mined, max_records=max_records,
+                  teacher_embeddings=teacher_embeddings)
 
 
 def _in_record_negatives(corpus: corpora.Corpus, fields: dict[str, str], num_negatives: int, where: str) -> str:
@@ -194,7 +219,8 @@ def resolve_tasks(data_config: ml_collections.ConfigDict, default_batch_size: in
 
   Raises:
     ConfigError: no tasks; an unknown task field, type, dataset, split or role; weight <= 0; a bad batch size,
-      num_negatives, mined name or max_records.
+      num_negatives, mined name, max_records or teacher_embeddings (a name; retrieval only; not with the records'
+      own hard negatives).
   """
   tasks = data_config.get("tasks", None)
   if not isinstance(tasks, (Mapping, ml_collections.ConfigDict)) or not tasks:

@@ -48,7 +48,8 @@ def _build(cfg, mesh, task=None):
   def loss_fn(emb, batch, loss_params, step):
     missing = [k for k in (ta_key, tb_key) if k not in batch]
     if missing:
-      raise ValueError(f"similarity_kd: batch has no teacher embeddings {missing}; set config.teacher.workdir")
+      raise ValueError(f"similarity_kd: batch has no teacher embeddings {missing}; set config.teacher.workdir or "
+                       "config.teacher.pretrained")
     a, b = emb[a_key].astype(jnp.float32), emb[b_key].astype(jnp.float32)
     ta, tb = batch[ta_key].astype(jnp.float32), batch[tb_key].astype(jnp.float32)
     logits = scale * a @ b.T  # [B_g, B_g]

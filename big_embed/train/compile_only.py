@@ -56,12 +56,12 @@ def text_task_batches(exp: experiment_lib.Experiment) -> dict[str, tuple[str, di
 
 def compile_train_step(config: ml_collections.ConfigDict, workdir: str) -> list[step_cost.StepCost]:
   """Builds the experiment, compiles its train step for every distinct batch, prints each step's cost and writes
-  `<workdir>/compile_report.json`; returns the costs. A teacher (config.teacher.workdir) is restored, as in
+  `<workdir>/compile_report.json`; returns the costs. A teacher (config.teacher) is restored, as in
   training, for its parameters' shapes and shardings."""
   exp = experiment_lib.build_experiment(config, workdir)
   try:
     teacher = teacher_lib.load_teacher(exp.config.teacher, exp.mesh, exp.tokenizer) if (
-        exp.config.teacher.workdir) else None
+        teacher_lib.is_configured(exp.config.teacher)) else None
     train_step = experiment_lib.make_train_step(exp, teacher)
     if exp.tasks:
       print(TEXT_TASKS_READ_DATA, flush=True)
